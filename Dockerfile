@@ -1,0 +1,26 @@
+# Multi-stage build: a release binary on a small non-root runtime image.
+#   docker build -t breakwater .
+#   docker run -v $PWD/config:/app/config:ro -p 8080:8080 -p 9901:9901 breakwater
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY loadtests ./loadtests
+COPY config ./config
+RUN cargo build --release --locked --bin breakwater && mkdir -p /out/var/audit /out/var/spool
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+# Relative paths in the config (body files, var/audit, var/spool) resolve from /app.
+WORKDIR /app
+COPY --from=build /src/target/release/breakwater /usr/local/bin/breakwater
+# The config directory is the documented mount point: /app/config (read-only is fine).
+COPY --from=build /src/config /app/config
+# Decision log and DLQ spool: mount a persistent volume here in production.
+COPY --from=build --chown=nonroot:nonroot /out/var /app/var
+ENV BREAKWATER_CONFIG=/app/config/breakwater.toml
+USER nonroot:nonroot
+# 8080: data plane (Magento calls this). 9901: admin API and /metrics.
+# As a sidecar, Magento reaches breakwater on localhost inside the pod; to publish the ports
+# from a standalone container, set server.listen / admin_listen to 0.0.0.0 in the mounted config.
+EXPOSE 8080 9901
+ENTRYPOINT ["/usr/local/bin/breakwater"]

@@ -1,0 +1,8 @@
+//! breakwater's load-test tools: a fault-injecting mock AI service (also used by the
+//! integration tests), an open-loop load driver and the benchmark runner.
+
+pub mod bench;
+pub mod driver;
+pub mod mock;
+pub mod report;
+pub mod scenario;

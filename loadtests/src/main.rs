@@ -1,0 +1,238 @@
+//! `cargo run -p loadtests --release -- bench ...`: the SRE's load-test entry point.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "breakwater load tests")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// breakwater vs nginx vs HAProxy on the same mock and load (installs nothing: see
+    /// loadtests/peer-bench.sh).
+    Peer {
+        #[arg(long, default_value = "target/release/breakwater")]
+        proxy_bin: PathBuf,
+        #[arg(long, default_value = "target/release/mock-ai")]
+        mock_bin: PathBuf,
+        /// Fixed rates for the latency runs.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long)]
+        pin: bool,
+        #[arg(long, default_value = "loadtests/reports")]
+        report_dir: PathBuf,
+    },
+    /// Run scenarios (files in loadtests/scenarios/), check their invariants, write reports.
+    Run {
+        scenarios: Vec<PathBuf>,
+        #[arg(long, default_value = "target/release/breakwater")]
+        proxy_bin: PathBuf,
+        #[arg(long, default_value = "loadtests/reports")]
+        report_dir: PathBuf,
+        /// Scale every duration and timeline time (CI smoke runs use 0.25).
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// Scale the offered rate.
+        #[arg(long, default_value_t = 1.0)]
+        rate_scale: f64,
+    },
+    /// Open-loop load against a running target (breakwater or anything HTTP on loopback):
+    /// prints its latency row; with --pid, the CPU that process spent per request.
+    Load {
+        /// host:port, loopback only.
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value = "/v1/recommendations")]
+        path: String,
+        /// Requests per second; 0 = closed loop, as fast as the connections go.
+        #[arg(long, default_value_t = 5000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Process whose CPU time per request to report (for example breakwater's).
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Mock AI directly vs through breakwater, side by side in one run.
+    Bench {
+        #[arg(long, default_value = "target/release/breakwater")]
+        proxy_bin: PathBuf,
+        #[arg(long, default_value = "target/release/mock-ai")]
+        mock_bin: PathBuf,
+        /// Fixed offered rate for the latency runs (req/s).
+        #[arg(long, default_value_t = 5000.0)]
+        rate: f64,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Pin breakwater to core 0 and the mock + driver to core 1 (taskset).
+        #[arg(long)]
+        pin: bool,
+        /// Also run breakwater with the decision log on.
+        #[arg(long)]
+        audit: bool,
+        /// Write the Markdown report here too.
+        #[arg(long, default_value = "loadtests/reports")]
+        report_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run {
+            scenarios,
+            proxy_bin,
+            report_dir,
+            time_scale,
+            rate_scale,
+        } => {
+            // The mock and the driver share this runtime; breakwater is a child process.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let args = loadtests::scenario::RunArgs {
+                proxy_bin,
+                report_dir,
+                time_scale,
+                rate_scale,
+            };
+            let mut failed = Vec::new();
+            for path in &scenarios {
+                let (ok, md) = rt.block_on(loadtests::scenario::run(path, &args))?;
+                let head: Vec<&str> = md
+                    .lines()
+                    .take_while(|l| !l.starts_with("## Per second"))
+                    .collect();
+                eprintln!("{}", head.join("\n"));
+                eprintln!("{}: {}", path.display(), if ok { "PASS" } else { "FAIL" });
+                if !ok {
+                    failed.push(path.display().to_string());
+                }
+            }
+            if !failed.is_empty() {
+                anyhow::bail!("scenario invariants failed: {}", failed.join(", "));
+            }
+        }
+        Cmd::Load {
+            target,
+            path,
+            rate,
+            duration,
+            connections,
+            pid,
+        } => {
+            anyhow::ensure!(
+                target.ip().is_loopback(),
+                "load tests send traffic to loopback only, not {target}"
+            );
+            let mut spec = loadtests::driver::LoadSpec::get(target, &path);
+            spec.rate = (rate > 0.0).then_some(rate);
+            spec.duration = Duration::from_secs(duration);
+            spec.connections = connections;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let name = format!(
+                "{target}{path} @ {}",
+                if rate > 0.0 {
+                    format!("{rate} req/s")
+                } else {
+                    "max".into()
+                }
+            );
+            let row = rt.block_on(loadtests::bench::measure(&name, spec, pid))?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", loadtests::bench::table(&[row]));
+            }
+        }
+        Cmd::Peer {
+            proxy_bin,
+            mock_bin,
+            rates,
+            duration,
+            connections,
+            pin,
+            report_dir,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(loadtests::bench::peer(
+                loadtests::bench::BenchArgs {
+                    proxy_bin,
+                    mock_bin,
+                    rate: rates.first().copied().unwrap_or(1000.0),
+                    duration: Duration::from_secs(duration),
+                    connections,
+                    pin,
+                    audit: true,
+                },
+                &rates,
+            ))?;
+            std::fs::create_dir_all(&report_dir)?;
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            std::fs::write(report_dir.join(format!("{stamp}-peer.md")), &report)?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{report}");
+            }
+        }
+        Cmd::Bench {
+            proxy_bin,
+            mock_bin,
+            rate,
+            duration,
+            connections,
+            pin,
+            audit,
+            report_dir,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(loadtests::bench::bench(loadtests::bench::BenchArgs {
+                proxy_bin,
+                mock_bin,
+                rate,
+                duration: Duration::from_secs(duration),
+                connections,
+                pin,
+                audit,
+            }))?;
+            std::fs::create_dir_all(&report_dir)?;
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let path = report_dir.join(format!("{stamp}-bench.md"));
+            std::fs::write(&path, &report)?;
+            eprintln!("report written to {}", path.display());
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{report}");
+            }
+        }
+    }
+    Ok(())
+}

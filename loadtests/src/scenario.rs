@@ -1,0 +1,597 @@
+//! Scenarios: a load at a fixed rate for a bounded time while a timeline of faults is
+//! applied (AI down, AI slow, RabbitMQ stopped, config rewritten, canary failing), then the
+//! scenario's invariants are checked and a report is written.
+//!
+//! The mock AI runs in this process (so faults apply at the exact second); breakwater is a
+//! child process with the decision log on.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::bench::{free_port, wait_http_ok, Proc};
+use crate::driver::{self, LoadSpec};
+use crate::mock::MockAi;
+use crate::report::{self, Marker};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub duration_s: f64,
+    /// The `[[routes]]` tables (and anything top-level after them, like `[dlq]`). `{id}`
+    /// is replaced by a per-run suffix (queue names), `{spool}` by a temp directory.
+    pub config: String,
+    /// Start a second mock as upstream `canary` (model-v2) for `[[routes.variants]]`.
+    #[serde(default)]
+    pub with_canary_upstream: bool,
+    #[serde(default)]
+    pub needs_rabbitmq: bool,
+    /// After the load: how long to wait for replays and drains to finish.
+    #[serde(default = "default_settle")]
+    pub settle_s: f64,
+    pub streams: Vec<Stream>,
+    #[serde(default)]
+    pub timeline: Vec<Step>,
+    #[serde(default)]
+    pub invariants: Invariants,
+}
+
+/// One kind of traffic, with its own rate and its own invariants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stream {
+    pub name: String,
+    pub rate: f64,
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default)]
+    pub body: String,
+    /// p99 of this stream's fallback answers, ms (client-side, includes the driver).
+    pub fallback_p99_ms: Option<f64>,
+    /// At least this many fallback answers (the fault really happened).
+    pub min_fallbacks: Option<u64>,
+    /// Every failure of this (replayable) stream was accepted by the DLQ.
+    #[serde(default)]
+    pub dlq_all_accepted: bool,
+    /// Every DLQ'd request of this stream reached the AI again (by Idempotency-Key).
+    #[serde(default)]
+    pub replayed_after_recovery: bool,
+}
+
+fn default_connections() -> usize {
+    32
+}
+fn default_path() -> String {
+    "/v1/recommendations".into()
+}
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_settle() -> f64 {
+    5.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub at_s: f64,
+    /// ai_down | ai_up | ai_errors | ai_recover | ai_slow | broker_stop | broker_start |
+    /// reload_every | canary_fail
+    pub action: String,
+    pub delay_ms: Option<u64>,
+    pub error_rate: Option<f64>,
+    pub status: Option<u16>,
+    /// For reload_every: period and end.
+    pub every_s: Option<f64>,
+    pub until_s: Option<f64>,
+}
+
+/// Invariants over all streams together.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Invariants {
+    /// Most 5xx responses allowed (usually 0: fallbacks answer).
+    pub max_5xx: Option<u64>,
+    /// Most transport errors (timeouts, resets) allowed.
+    pub max_errors: Option<u64>,
+    /// Most non-2xx responses allowed.
+    pub max_non_2xx: Option<u64>,
+    /// p99 of all answers, ms.
+    pub p99_ms: Option<f64>,
+    /// The config was reloaded at least this many times.
+    pub min_reloads: Option<u64>,
+    /// The canary was rolled back automatically.
+    #[serde(default)]
+    pub canary_rolled_back: bool,
+}
+
+pub struct RunArgs {
+    pub proxy_bin: PathBuf,
+    pub report_dir: PathBuf,
+    /// Multiplies every duration and time in the scenario (CI smoke runs use < 1).
+    pub time_scale: f64,
+    pub rate_scale: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[allow(clippy::too_many_arguments)] // one place builds the whole config text
+fn config_text(
+    sc: &Scenario,
+    id: &str,
+    listen: u16,
+    admin: u16,
+    ai: SocketAddr,
+    canary: Option<SocketAddr>,
+    dir: &Path,
+    reload_n: u64,
+) -> String {
+    let canary_upstream = canary
+        .map(|a| format!("[upstreams.canary]\nurl = \"http://{a}\"\n"))
+        .unwrap_or_default();
+    // reload_n changes a comment and an idle setting, so each rewrite is a real reload.
+    format!(
+        r#"# reload {reload_n}
+[server]
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+watch_config = true
+idle_timeout_ms = {}
+
+[upstreams.ai]
+url = "http://{ai}"
+pool_max_idle_per_host = 1024
+
+[upstreams.rules]
+url = "http://{ai}"
+{canary_upstream}
+[audit]
+path = "{}/audit/decisions.jsonl"
+hmac_key_file = "{}/audit.key"
+
+{}
+"#,
+        60_000 + reload_n,
+        dir.display(),
+        dir.display(),
+        sc.config
+            .replace("{id}", id)
+            .replace("{spool}", &dir.join("spool").display().to_string())
+    )
+}
+
+async fn admin_json(admin: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client
+        .request(
+            http::Request::get(format!("http://{admin}{path}"))
+                .body(http_body_util::Full::default())
+                .ok()?,
+        )
+        .await
+        .ok()?;
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .ok()?
+        .to_bytes();
+    serde_json::from_slice(&body).ok()
+}
+
+fn rabbitmqctl(args: &[&str]) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let sc: Scenario =
+        toml::from_str(&text).with_context(|| format!("invalid scenario {}", path.display()))?;
+    let t = |s: f64| s * args.time_scale;
+    if sc.needs_rabbitmq
+        && tokio::net::TcpStream::connect("127.0.0.1:5672")
+            .await
+            .is_err()
+    {
+        anyhow::bail!("scenario {} needs RabbitMQ on 127.0.0.1:5672", sc.name);
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "breakwater-scenario-{}-{}",
+        sc.name,
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("audit.key"),
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    )?;
+    let id = format!("{}", std::process::id());
+
+    let ai = Arc::new(MockAi::start().await);
+    ai.set_model_version("model-v1");
+    let canary = if sc.with_canary_upstream {
+        let c = MockAi::start().await;
+        c.set_model_version("model-v2");
+        Some(Arc::new(c))
+    } else {
+        None
+    };
+    let (listen, admin) = (free_port()?, free_port()?);
+    let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    let cfg_path = dir.join("breakwater.toml");
+    let write_cfg = |n: u64| -> std::io::Result<()> {
+        let text = config_text(
+            &sc,
+            &id,
+            listen,
+            admin,
+            ai.addr(),
+            canary.as_ref().map(|c| c.addr()),
+            &dir,
+            n,
+        );
+        // Replace by rename, as Kubernetes does.
+        let tmp = dir.join("breakwater.toml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &cfg_path)
+    };
+    write_cfg(0)?;
+    let check = std::process::Command::new(&args.proxy_bin)
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()?;
+    if !check.status.success() {
+        anyhow::bail!(
+            "scenario config invalid:\n{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    let proxy = Proc::spawn(
+        "breakwater",
+        &args.proxy_bin,
+        &["--config".into(), cfg_path.display().to_string()],
+        None,
+        &[("RUST_LOG", "warn")],
+    )?;
+    wait_http_ok(admin_addr, "/readyz", Duration::from_secs(30)).await?;
+    let gen_before = admin_json(admin_addr, "/admin/config")
+        .await
+        .and_then(|c| c["generation"].as_u64())
+        .unwrap_or(0);
+
+    // The timeline runs beside the load.
+    let mut markers = Vec::new();
+    let mut steps = Vec::new();
+    let write_cfg = Arc::new(write_cfg);
+    for step in &sc.timeline {
+        markers.push(Marker {
+            at_s: t(step.at_s),
+            label: step.action.clone(),
+        });
+        let step = step.clone();
+        let ai = ai.clone();
+        let canary = canary.clone();
+        let time_scale = args.time_scale;
+        let write_cfg = write_cfg.clone();
+        let (sc2, id2, dir2, cfg2) = (sc.clone(), id.clone(), dir.clone(), cfg_path.clone());
+        steps.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(step.at_s * time_scale)).await;
+            match step.action.as_str() {
+                "ai_down" => ai.outage(true).await,
+                "ai_up" => ai.outage(false).await,
+                "ai_errors" => {
+                    ai.set_error_rate(step.error_rate.unwrap_or(1.0), step.status.unwrap_or(503))
+                }
+                "ai_recover" => ai.recover(),
+                "ai_slow" => ai.set_delay(Duration::from_millis(step.delay_ms.unwrap_or(500))),
+                "broker_stop" => {
+                    rabbitmqctl(&["stop_app"]);
+                }
+                "broker_start" => {
+                    rabbitmqctl(&["start_app"]);
+                }
+                "canary_fail" => {
+                    if let Some(c) = &canary {
+                        c.set_error_rate(
+                            step.error_rate.unwrap_or(1.0),
+                            step.status.unwrap_or(500),
+                        );
+                    }
+                }
+                "reload_every" => {
+                    let every = Duration::from_secs_f64(step.every_s.unwrap_or(1.0) * time_scale);
+                    let until = tokio::time::Instant::now()
+                        + Duration::from_secs_f64(
+                            (step.until_s.unwrap_or(0.0) - step.at_s).max(0.0) * time_scale,
+                        );
+                    let mut n = 0u64;
+                    while tokio::time::Instant::now() < until {
+                        n += 1;
+                        let text = config_text(
+                            &sc2,
+                            &id2,
+                            listen,
+                            admin,
+                            ai.addr(),
+                            canary.as_ref().map(|c| c.addr()),
+                            &dir2,
+                            n,
+                        );
+                        let tmp = dir2.join("breakwater.toml.tmp");
+                        if std::fs::write(&tmp, text).is_ok() {
+                            let _ = std::fs::rename(&tmp, &cfg2);
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                    let _ = write_cfg;
+                }
+                other => eprintln!("warning: unknown timeline action {other:?}"),
+            }
+        }));
+    }
+
+    let target: SocketAddr = ([127, 0, 0, 1], listen).into();
+    let mut runs = Vec::new();
+    for st in &sc.streams {
+        let mut spec = LoadSpec::get(target, &st.path);
+        spec.method = st.method.parse().unwrap_or(http::Method::GET);
+        spec.body = bytes::Bytes::from(st.body.clone());
+        spec.rate = Some(st.rate * args.rate_scale);
+        spec.duration = Duration::from_secs_f64(t(sc.duration_s));
+        spec.connections = st.connections;
+        spec.headers = vec![("content-type".into(), "application/json".into())];
+        runs.push(tokio::spawn(driver::run(spec)));
+    }
+    let mut results = Vec::new();
+    for r in runs {
+        results.push(r.await??);
+    }
+    for s in steps {
+        s.abort();
+    }
+    // Faults end with the run: the AI and the broker come back for the settle phase.
+    ai.outage(false).await;
+    ai.recover();
+    if sc.timeline.iter().any(|s| s.action == "broker_stop") {
+        rabbitmqctl(&["start_app"]);
+    }
+    let mut result = results[0].clone();
+    for r in &results[1..] {
+        result.merge(r)?;
+    }
+
+    let mut checks = Vec::new();
+    let c = &result.counts;
+    let inv = &sc.invariants;
+    if let Some(max) = inv.max_5xx {
+        let n = c.count_5xx();
+        checks.push(Check {
+            name: format!("5xx responses <= {max}"),
+            ok: n <= max,
+            detail: format!("{n}"),
+        });
+    }
+    if let Some(max) = inv.max_errors {
+        checks.push(Check {
+            name: format!("transport errors <= {max}"),
+            ok: c.errors <= max,
+            detail: format!("{}", c.errors),
+        });
+    }
+    if let Some(max) = inv.max_non_2xx {
+        let n: u64 = c
+            .status
+            .iter()
+            .filter(|(s, _)| !(200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum();
+        checks.push(Check {
+            name: format!("non-2xx responses <= {max}"),
+            ok: n <= max,
+            detail: format!("{n}"),
+        });
+    }
+    if let Some(max) = inv.p99_ms {
+        let p = result.ms(0.99);
+        checks.push(Check {
+            name: format!("p99 < {max} ms"),
+            ok: p < max,
+            detail: format!("{p:.3}"),
+        });
+    }
+    let mut replay_expected = 0u64;
+    for (st, r) in sc.streams.iter().zip(&results) {
+        let rc = &r.counts;
+        let accepted = rc.dlq.get("queued").copied().unwrap_or(0)
+            + rc.dlq.get("spooled").copied().unwrap_or(0);
+        let fallbacks = rc.outcome.get("fallback").copied().unwrap_or(0);
+        if let Some(max) = st.fallback_p99_ms {
+            let p = r.outcome_ms("fallback", 0.99);
+            checks.push(Check {
+                name: format!("{}: fallback p99 < {max} ms", st.name),
+                ok: p.is_some_and(|p| p < max),
+                detail: format!("{:.3} ms", p.unwrap_or(f64::NAN)),
+            });
+        }
+        if let Some(min) = st.min_fallbacks {
+            checks.push(Check {
+                name: format!("{}: fallback answers >= {min}", st.name),
+                ok: fallbacks >= min,
+                detail: format!("{fallbacks}"),
+            });
+        }
+        if st.dlq_all_accepted {
+            let rejected = rc.dlq.get("rejected").copied().unwrap_or(0);
+            checks.push(Check {
+                name: format!("{}: every replayable failure queued or spooled", st.name),
+                ok: rejected == 0 && accepted == fallbacks && accepted > 0,
+                detail: format!(
+                    "{accepted} accepted of {fallbacks} fallbacks ({:?}), {rejected} rejected",
+                    rc.dlq
+                ),
+            });
+        }
+        if st.replayed_after_recovery {
+            replay_expected += accepted;
+        }
+    }
+    if sc.streams.iter().any(|s| s.replayed_after_recovery) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(sc.settle_s.max(1.0));
+        let mut replayed = 0u64;
+        while tokio::time::Instant::now() < deadline {
+            replayed = ai.idempotency_keys().len() as u64;
+            if replayed >= replay_expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let dlq = admin_json(admin_addr, "/admin/dlq")
+            .await
+            .unwrap_or_default();
+        checks.push(Check {
+            name: "every DLQ'd request replayed to the AI after recovery".into(),
+            ok: replayed >= replay_expected && replay_expected > 0,
+            detail: format!(
+                "{replayed} of {replay_expected} (distinct Idempotency-Keys at the AI); DLQ: {}",
+                dlq["routes"]
+            ),
+        });
+    }
+    if let Some(min) = inv.min_reloads {
+        let gen_after = admin_json(admin_addr, "/admin/config")
+            .await
+            .and_then(|c| c["generation"].as_u64())
+            .unwrap_or(0);
+        let reloads = gen_after.saturating_sub(gen_before);
+        checks.push(Check {
+            name: format!("config reloaded >= {min} times"),
+            ok: reloads >= min,
+            detail: format!("{reloads} reloads"),
+        });
+    }
+    if inv.canary_rolled_back {
+        let inv_doc = admin_json(admin_addr, "/admin/inventory").await;
+        let rolled = inv_doc.as_ref().and_then(|d| {
+            d["routes"]
+                .as_array()?
+                .iter()
+                .flat_map(|r| r["variants"].as_array().cloned().unwrap_or_default())
+                .find_map(|v| v["rollback"].as_object().cloned())
+        });
+        checks.push(Check {
+            name: "failing canary rolled back automatically".into(),
+            ok: rolled.is_some(),
+            detail: rolled
+                .map(|r| r.get("reason").map(|v| v.to_string()).unwrap_or_default())
+                .unwrap_or_else(|| "no rollback".into()),
+        });
+    }
+    // A graceful stop flushes the decision log; then its chain must verify.
+    if let Some(pid) = proxy.pid() {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    let mut proxy = proxy;
+    let _ = tokio::time::timeout(Duration::from_secs(20), proxy.child.wait()).await;
+    let verify = std::process::Command::new(&args.proxy_bin)
+        .args(["audit", "verify"])
+        .arg(dir.join("audit"))
+        .output()?;
+    checks.push(Check {
+        name: "decision log verifies".into(),
+        ok: verify.status.success(),
+        detail: String::from_utf8_lossy(&verify.stdout).trim().to_string(),
+    });
+    if sc.needs_rabbitmq {
+        // Leave no test queues behind.
+        for name in sc
+            .config
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("name = \""))
+            .filter_map(|n| n.strip_suffix('"'))
+        {
+            let route = name.replace("{id}", &id);
+            for q in [
+                format!("breakwater.dlq.{route}"),
+                format!("breakwater.dlq.{route}.parked"),
+                format!("breakwater.results.{route}"),
+            ] {
+                rabbitmqctl(&["delete_queue", &q]);
+            }
+        }
+    }
+
+    let ok = checks.iter().all(|c| c.ok);
+    let mut summary = format!(
+        "{}\n\n{:.1} s; streams: {}\n\nrequests {}, transport errors {}, throughput {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms\n\noutcomes {:?}; fallbacks {:?}; reasons {:?}; dlq {:?}; status {:?}\n\n## Invariants\n\n",
+        sc.description.trim(),
+        t(sc.duration_s),
+        sc.streams.iter().map(|s| format!("{} {} {} at {} req/s", s.name, s.method, s.path, s.rate * args.rate_scale)).collect::<Vec<_>>().join("; "),
+        c.requests,
+        c.errors,
+        result.throughput(),
+        result.ms(0.5),
+        result.ms(0.99),
+        result.ms(0.999),
+        c.outcome,
+        c.fallback,
+        c.reason,
+        c.dlq,
+        c.status
+    );
+    for (st, r) in sc.streams.iter().zip(&results) {
+        summary.push_str(&format!(
+            "- stream {}: {} requests, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms\n",
+            st.name,
+            r.counts.requests,
+            r.ms(0.5),
+            r.ms(0.99),
+            r.ms(0.999)
+        ));
+    }
+    summary.push('\n');
+    for check in &checks {
+        summary.push_str(&format!(
+            "- [{}] {}: {}\n",
+            if check.ok { "x" } else { " " },
+            check.name,
+            check.detail
+        ));
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let md = report::write(
+        &args.report_dir,
+        &format!("{stamp}-{}", sc.name),
+        &format!("scenario {}: {}", sc.name, if ok { "PASS" } else { "FAIL" }),
+        &summary,
+        &result,
+        &markers,
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((ok, md))
+}

@@ -1,0 +1,20 @@
+//! The decision log: one tamper-evident JSON Lines record per proxied request (and per
+//! change event), tagged with the model version, written off the request path.
+//!
+//! `record` holds the formats and the hash chain, `writer` the background writer, `verify`
+//! the checks behind `breakwater audit verify` / `audit find`.
+
+pub mod publish;
+pub mod record;
+pub mod verify;
+pub mod writer;
+
+pub use publish::AuditPublisher;
+pub use record::{ChainHash, Decision, DecisionRecord, Entry, EventRecord, GENESIS, SCHEMA_V};
+pub use verify::{find_request, verify_paths, Problem, VerifyError, VerifyReport};
+pub use writer::{start, AuditError, AuditHandle, AuditSettings, DigestStream, Digester};
+
+/// RFC 3339 UTC with microseconds.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}

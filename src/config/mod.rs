@@ -1,0 +1,339 @@
+//! Configuration: TOML on disk -> raw serde types -> `validate()` -> runtime types.
+//!
+//! Only the runtime types (`Config` and friends) reach the request path. Loading never
+//! stops at the first problem: every error is collected with its key path so
+//! `breakwater check` and a failed reload can report them all at once.
+
+pub mod raw;
+pub mod reload;
+mod tls;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+pub use raw::RawConfig;
+pub use tls::{client_tls_config, server_tls_config};
+
+/// One problem in a config file, with the key path it concerns (`routes[2].breaker.window_ms`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// All the errors of one load attempt.
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize)]
+#[error("{} config error(s): {}", .errors.len(), .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct ConfigErrors {
+    pub errors: Vec<ConfigError>,
+}
+
+/// The validated configuration. Cheap to share; built off the request path.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
+    pub routes: Vec<Arc<RouteConfig>>,
+    pub audit: Option<AuditConfig>,
+    pub dlq: Option<DlqConfig>,
+    /// SHA-256 of the file bytes, hex: what `/admin/config` and the audit trail show.
+    pub hash: String,
+    /// The raw form, kept for `/admin/config` (secrets are masked when rendered).
+    pub raw: RawConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: std::net::SocketAddr,
+    pub admin_listen: std::net::SocketAddr,
+    pub max_body_bytes: u64,
+    pub max_response_buffer_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub admin_token: Option<AdminToken>,
+    pub watch_config: bool,
+    pub instance: String,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The bearer token guarding mutating admin calls. Debug never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Base path prepended to the request path ("" when the url has none).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub http2_prior_knowledge: bool,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub concurrency: Option<ConcurrencyConfig>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// What the client depends on: a change here rebuilds the connection pool.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConcurrencyConfig {
+    pub max: u32,
+    pub min: u32,
+    pub adaptive: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Shared, so the metrics and the decision record take it without a copy.
+    pub name: Arc<str>,
+    pub path_prefix: String,
+    pub host: Option<String>,
+    pub methods: Option<Vec<http::Method>>,
+    pub upstream: String,
+    pub timeout: Duration,
+    pub ai_enabled: bool,
+    pub model_version_header: Option<http::HeaderName>,
+    pub model_version_pointer: Option<String>,
+    pub replayable: bool,
+    pub retry: Option<RetryConfig>,
+    pub breaker: Option<BreakerConfig>,
+    pub fallback: Vec<FallbackConfig>,
+    pub variants: Vec<VariantConfig>,
+    pub canary: Option<CanaryConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub budget_ratio: f64,
+    pub budget_min_per_s: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerConfig {
+    pub consecutive_failures: u32,
+    pub failure_rate: Option<f64>,
+    pub slow_call: Option<Duration>,
+    pub slow_call_rate: Option<f64>,
+    pub window: Duration,
+    pub minimum_requests: u32,
+    pub open: Duration,
+    pub open_max: Duration,
+    pub half_open_probes: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum FallbackConfig {
+    Cache {
+        ttl: Duration,
+        max_entries: usize,
+        max_bytes: u64,
+    },
+    Upstream {
+        upstream: String,
+        timeout: Duration,
+    },
+    Static {
+        status: http::StatusCode,
+        body: Bytes,
+        content_type: http::HeaderValue,
+    },
+}
+
+impl FallbackConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FallbackConfig::Cache { .. } => "cache",
+            FallbackConfig::Upstream { .. } => "upstream",
+            FallbackConfig::Static { .. } => "static",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantConfig {
+    pub name: String,
+    pub upstream: String,
+    /// Percent of the route's traffic, 0..=100.
+    pub weight: f64,
+    pub sticky_header: Option<http::HeaderName>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryConfig {
+    pub auto_rollback: bool,
+    pub max_error_rate: f64,
+    pub max_p99: Option<Duration>,
+    pub min_requests: u64,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    pub hmac_key: Vec<u8>,
+    pub key_id: String,
+    pub redact_headers: Vec<String>,
+    pub rotate_bytes: u64,
+    pub retention_days: u32,
+    pub on_full_drop: bool,
+    pub channel_capacity: usize,
+    pub fsync_interval: Duration,
+    pub fsync_max_records: usize,
+    /// Copies of the written lines to a RabbitMQ exchange for central collection.
+    pub publish: Option<AuditPublishConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPublishConfig {
+    pub url: String,
+    pub exchange: String,
+    /// Lines waiting for the broker; beyond it they are counted and dropped (the file
+    /// keeps them).
+    pub buffer: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DlqConfig {
+    pub amqp_url: Option<String>,
+    pub exchange: String,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub segment_bytes: u64,
+    pub fsync_interval: Duration,
+    pub replay_rate_per_s: u32,
+    pub max_replay_attempts: u32,
+    pub prefetch: u16,
+    pub confirm_timeout: Duration,
+    pub queued_wait: Duration,
+    pub results_exchange: String,
+}
+
+impl Config {
+    /// Parse and validate TOML text. `origin` names the file in messages.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let raw = parse_raw(text)?;
+        let hash = hex::encode(Sha256::digest(text.as_bytes()));
+        validate::validate(raw, hash)
+    }
+
+    /// Read and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            errors: vec![ConfigError {
+                path: path.display().to_string(),
+                message: format!("cannot read config file: {e}"),
+            }],
+        })?;
+        Config::from_toml(&text)
+    }
+
+    pub fn route(&self, name: &str) -> Option<&Arc<RouteConfig>> {
+        self.routes.iter().find(|r| &*r.name == name)
+    }
+
+    /// The effective config as JSON with every secret masked.
+    pub fn masked_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(&self.raw).unwrap_or(serde_json::Value::Null);
+        if let Some(ups) = value.get_mut("upstreams").and_then(|u| u.as_object_mut()) {
+            for up in ups.values_mut() {
+                if let Some(headers) = up.get_mut("headers").and_then(|h| h.as_object_mut()) {
+                    for v in headers.values_mut() {
+                        *v = serde_json::Value::String("***".into());
+                    }
+                }
+            }
+        }
+        for pointer in ["/dlq/amqp_url", "/audit/publish_url"] {
+            if let Some(url) = value.pointer_mut(pointer) {
+                if let Some(s) = url.as_str() {
+                    *url = serde_json::Value::String(mask_url_password(s));
+                }
+            }
+        }
+        value
+    }
+}
+
+/// `amqp://user:secret@host/` -> `amqp://user:***@host/`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_string();
+    };
+    let creds = &rest[..at];
+    match creds.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &creds[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
+}
+
+/// Parse TOML into the raw types, naming the key path of a type error or unknown key.
+pub fn parse_raw(text: &str) -> Result<RawConfig, ConfigErrors> {
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigErrors {
+        errors: vec![toml_error(&e, text)],
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = toml_error(e.inner(), text);
+        ConfigErrors {
+            errors: vec![ConfigError {
+                path: if path.is_empty() || path == "." {
+                    inner.path
+                } else {
+                    path
+                },
+                message: inner.message,
+            }],
+        }
+    })
+}
+
+fn toml_error(e: &toml::de::Error, text: &str) -> ConfigError {
+    // toml reports a byte span; turn it into a line number and keep its message, which
+    // already names the offending key for unknown fields and type mismatches.
+    let location = e
+        .span()
+        .map(|span| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}")
+        })
+        .unwrap_or_else(|| "file".to_string());
+    ConfigError {
+        path: location,
+        message: e.message().trim().to_string(),
+    }
+}

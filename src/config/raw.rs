@@ -1,0 +1,185 @@
+//! Raw serde types: exactly what the TOML file says, nothing validated yet.
+//!
+//! Every struct denies unknown fields so a typo is an error with its key path, never a
+//! silently ignored setting. `validate` turns these into the runtime types.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    pub audit: Option<RawAudit>,
+    pub dlq: Option<RawDlq>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: String,
+    pub admin_listen: String,
+    pub max_body_bytes: Option<u64>,
+    pub max_response_buffer_bytes: Option<u64>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub shutdown_grace_ms: Option<u64>,
+    pub admin_token_file: Option<String>,
+    pub watch_config: Option<bool>,
+    pub instance: Option<String>,
+    pub tls: Option<RawServerTls>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: String,
+    pub connect_timeout_ms: Option<u64>,
+    pub ca_file: Option<String>,
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+    /// Speak HTTP/2 with prior knowledge over plain TCP (h2c). https negotiates by ALPN.
+    pub http2: Option<bool>,
+    pub pool_idle_timeout_ms: Option<u64>,
+    pub pool_max_idle_per_host: Option<usize>,
+    /// Bulkhead: most requests in flight to this upstream; more are shed to the fallback.
+    pub max_concurrency: Option<u32>,
+    /// Let the limit adapt (AIMD) between `min_concurrency` and `max_concurrency`.
+    pub adaptive_concurrency: Option<bool>,
+    pub min_concurrency: Option<u32>,
+    /// Headers added to every request to this upstream (credentials live here, never in
+    /// a DLQ message). Values are masked in `/admin/config`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub path_prefix: String,
+    pub host: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub upstream: String,
+    pub timeout_ms: Option<u64>,
+    pub ai_enabled: Option<bool>,
+    pub model_version_header: Option<String>,
+    pub model_version_pointer: Option<String>,
+    pub replayable: Option<bool>,
+    pub retry: Option<RawRetry>,
+    pub breaker: Option<RawBreaker>,
+    #[serde(default)]
+    pub fallback: Vec<RawFallback>,
+    #[serde(default)]
+    pub variants: Vec<RawVariant>,
+    pub canary: Option<RawCanary>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub max_attempts: Option<u32>,
+    pub backoff_base_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+    pub budget_ratio: Option<f64>,
+    pub budget_min_per_s: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub consecutive_failures: Option<u32>,
+    pub failure_rate: Option<f64>,
+    pub slow_call_ms: Option<u64>,
+    pub slow_call_rate: Option<f64>,
+    pub window_ms: Option<u64>,
+    pub minimum_requests: Option<u32>,
+    pub open_ms: Option<u64>,
+    pub open_max_ms: Option<u64>,
+    pub half_open_probes: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    pub kind: String,
+    // cache
+    pub ttl_s: Option<u64>,
+    pub max_entries: Option<usize>,
+    pub max_bytes: Option<u64>,
+    // upstream
+    pub upstream: Option<String>,
+    pub timeout_ms: Option<u64>,
+    // static
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    pub body_file: Option<String>,
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVariant {
+    pub name: String,
+    pub upstream: String,
+    pub weight: f64,
+    pub sticky_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCanary {
+    pub auto_rollback: Option<bool>,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_ms: Option<u64>,
+    pub min_requests: Option<u64>,
+    pub window_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub enabled: Option<bool>,
+    pub path: String,
+    pub hmac_key_file: String,
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
+    pub rotate_bytes: Option<u64>,
+    pub retention_days: Option<u32>,
+    pub on_full: Option<String>,
+    pub channel_capacity: Option<usize>,
+    pub fsync_interval_ms: Option<u64>,
+    pub fsync_max_records: Option<usize>,
+    pub publish_url: Option<String>,
+    pub publish_exchange: Option<String>,
+    pub publish_buffer: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDlq {
+    pub amqp_url: Option<String>,
+    pub exchange: Option<String>,
+    pub spool_dir: Option<String>,
+    pub spool_max_bytes: Option<u64>,
+    pub segment_bytes: Option<u64>,
+    pub fsync_interval_ms: Option<u64>,
+    pub replay_rate_per_s: Option<u32>,
+    pub max_replay_attempts: Option<u32>,
+    pub prefetch: Option<u16>,
+    pub confirm_timeout_ms: Option<u64>,
+    pub queued_wait_ms: Option<u64>,
+    pub results_exchange: Option<String>,
+}

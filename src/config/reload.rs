@@ -1,0 +1,175 @@
+//! Hot reload triggers: a change to the config file (including replacement by rename, as
+//! Kubernetes ConfigMaps do through a `..data` symlink swap), SIGHUP and `POST /admin/reload`.
+//!
+//! All triggers funnel into one `Reloader::reload`, serialized by a lock, which reads and
+//! validates the file off the request path and hands the result to the installer. A bad
+//! file keeps the old config serving; the errors are logged, counted and returned.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Config, ConfigErrors};
+use crate::telemetry;
+
+/// What a successful reload produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadOutcome {
+    pub generation: u64,
+    pub hash: String,
+    /// False when the file's bytes were identical to the config in force.
+    pub changed: bool,
+}
+
+/// Installs a validated config and returns its generation.
+pub type Installer = Arc<
+    dyn Fn(Config, &str) -> Pin<Box<dyn Future<Output = Result<u64, ConfigErrors>> + Send>>
+        + Send
+        + Sync,
+>;
+
+pub struct Reloader {
+    path: PathBuf,
+    install: Installer,
+    current_hash: std::sync::Mutex<String>,
+    current_generation: std::sync::atomic::AtomicU64,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, hash: String, generation: u64, install: Installer) -> Arc<Self> {
+        Arc::new(Reloader {
+            path,
+            install,
+            current_hash: std::sync::Mutex::new(hash),
+            current_generation: std::sync::atomic::AtomicU64::new(generation),
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reloads from disk. `force` reinstalls even when the bytes are unchanged (an admin
+    /// asking for a reload expects certificates and body files to be re-read).
+    pub async fn reload(&self, trigger: &str, force: bool) -> Result<ReloadOutcome, ConfigErrors> {
+        let _serial = self.lock.lock().await;
+        let path = self.path.clone();
+        // Validation reads TLS material and body files: keep it off the async workers.
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| ConfigErrors {
+                errors: vec![super::ConfigError {
+                    path: "reload".into(),
+                    message: format!("validation task failed: {e}"),
+                }],
+            })
+            .and_then(|r| r);
+        let config = match loaded {
+            Ok(c) => c,
+            Err(errors) => {
+                metrics::counter!(telemetry::CONFIG_RELOADS, "result" => "error").increment(1);
+                tracing::error!(trigger, path = %self.path.display(), %errors, "config reload rejected; the previous config keeps serving");
+                return Err(errors);
+            }
+        };
+        let same = self
+            .current_hash
+            .lock()
+            .map(|h| *h == config.hash)
+            .unwrap_or(false);
+        if same && !force {
+            return Ok(ReloadOutcome {
+                generation: self
+                    .current_generation
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                hash: config.hash,
+                changed: false,
+            });
+        }
+        let hash = config.hash.clone();
+        match (self.install)(config, trigger).await {
+            Ok(generation) => {
+                if let Ok(mut h) = self.current_hash.lock() {
+                    *h = hash.clone();
+                }
+                self.current_generation
+                    .store(generation, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!(telemetry::CONFIG_RELOADS, "result" => "ok").increment(1);
+                metrics::gauge!(telemetry::CONFIG_GENERATION).set(generation as f64);
+                tracing::info!(trigger, generation, %hash, "config reloaded");
+                Ok(ReloadOutcome {
+                    generation,
+                    hash,
+                    changed: !same,
+                })
+            }
+            Err(errors) => {
+                metrics::counter!(telemetry::CONFIG_RELOADS, "result" => "error").increment(1);
+                tracing::error!(trigger, %errors, "config reload rejected; the previous config keeps serving");
+                Err(errors)
+            }
+        }
+    }
+}
+
+/// Watches the config file's directory (not the file: a rename replaces the inode the
+/// watch would be on) and reloads, debounced, when anything there changes. Unchanged
+/// bytes are ignored by `reload`, so noise in the directory costs one read.
+pub fn watch_file(
+    reloader: Arc<Reloader>,
+    shutdown: CancellationToken,
+) -> notify::Result<tokio::task::JoinHandle<()>> {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            // A full channel already means "reload pending".
+            let _ = tx.try_send(());
+        }
+    })?;
+    let dir = reloader
+        .path()
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(tokio::spawn(async move {
+        // Keep the watcher alive for as long as the task runs.
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                got = rx.recv() => if got.is_none() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            // Editors and `kubectl` write in several steps: let them settle.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let _ = reloader.reload("file_change", false).await;
+        }
+    }))
+}
+
+/// Reloads on SIGHUP.
+pub fn on_sighup(
+    reloader: Arc<Reloader>,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                got = hup.recv() => if got.is_none() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            let _ = reloader.reload("sighup", true).await;
+        }
+    }))
+}

@@ -1,0 +1,884 @@
+//! raw -> runtime: checks every key, loads referenced files (TLS material, static bodies,
+//! keys) and collects every problem with its key path instead of stopping at the first.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::raw::*;
+use super::*;
+
+const MIB: u64 = 1024 * 1024;
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Records an error unless `ok`; returns `ok` so checks read as guards.
+    fn check(&mut self, ok: bool, path: impl Into<String>, message: impl Into<String>) -> bool {
+        if !ok {
+            self.add(path, message);
+        }
+        ok
+    }
+}
+
+fn ms(v: Option<u64>, default: u64) -> Duration {
+    Duration::from_millis(v.unwrap_or(default))
+}
+
+fn positive_ms(e: &mut Errors, v: Option<u64>, default: u64, path: &str) -> Duration {
+    let d = v.unwrap_or(default);
+    e.check(d > 0, path, "must be greater than 0");
+    Duration::from_millis(d)
+}
+
+fn ratio(e: &mut Errors, v: Option<f64>, path: &str, allow_zero: bool) {
+    if let Some(r) = v {
+        let ok = r.is_finite() && r <= 1.0 && if allow_zero { r >= 0.0 } else { r > 0.0 };
+        e.check(
+            ok,
+            path,
+            if allow_zero {
+                "must be between 0 and 1"
+            } else {
+                "must be greater than 0 and at most 1"
+            },
+        );
+    }
+}
+
+fn read_file(e: &mut Errors, file: &str, path: &str) -> Option<Vec<u8>> {
+    match std::fs::read(file) {
+        Ok(bytes) => Some(bytes),
+        Err(err) => {
+            e.add(path, format!("cannot read {file}: {err}"));
+            None
+        }
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, hash: String) -> Result<Config, ConfigErrors> {
+    let mut e = Errors(Vec::new());
+
+    let server = validate_server(&mut e, &raw.server);
+
+    let mut upstreams = BTreeMap::new();
+    for (name, up) in &raw.upstreams {
+        if let Some(u) = validate_upstream(&mut e, name, up) {
+            upstreams.insert(name.clone(), Arc::new(u));
+        }
+    }
+    let upstream_names: HashSet<&str> = raw.upstreams.keys().map(String::as_str).collect();
+
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    let mut matchers = HashSet::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if !names.insert(r.name.clone()) {
+            e.add(
+                format!("{p}.name"),
+                format!("duplicate route name {:?}", r.name),
+            );
+        }
+        let key = (
+            r.host.clone().map(|h| h.to_ascii_lowercase()),
+            r.path_prefix.clone(),
+            r.methods.clone().map(|mut m| {
+                m.sort();
+                m
+            }),
+        );
+        if !matchers.insert(key) {
+            e.add(
+                format!("{p}.path_prefix"),
+                format!(
+                    "another route already matches the same host, path_prefix {:?} and methods",
+                    r.path_prefix
+                ),
+            );
+        }
+        if let Some(route) = validate_route(&mut e, &p, r, &upstream_names) {
+            routes.push(Arc::new(route));
+        }
+    }
+    if raw.routes.is_empty() {
+        e.add("routes", "at least one [[routes]] entry is required");
+    }
+
+    let audit = raw
+        .audit
+        .as_ref()
+        .filter(|a| a.enabled.unwrap_or(true))
+        .and_then(|a| validate_audit(&mut e, a));
+    // Replayable routes need a DLQ; without a [dlq] section the embedded default (a local
+    // spool in var/spool, RabbitMQ only if BREAKWATER_AMQP_URL is set) is used.
+    let any_replayable = raw.routes.iter().any(|r| r.replayable.unwrap_or(false));
+    let dlq = match &raw.dlq {
+        Some(d) => Some(validate_dlq(&mut e, d)),
+        None if any_replayable => Some(validate_dlq(&mut e, &RawDlq::default())),
+        None => None,
+    };
+
+    if !e.0.is_empty() {
+        return Err(ConfigErrors { errors: e.0 });
+    }
+    Ok(Config {
+        server: server.unwrap_or_else(unreachable_server),
+        upstreams,
+        routes,
+        audit,
+        dlq,
+        hash,
+        raw,
+    })
+}
+
+// Only reached when validation reported no error, in which case the server config exists;
+// a harmless default keeps the code free of panics should that invariant ever break.
+fn unreachable_server() -> ServerConfig {
+    ServerConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        admin_listen: ([127, 0, 0, 1], 0).into(),
+        max_body_bytes: MIB,
+        max_response_buffer_bytes: 4 * MIB,
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(15),
+        admin_token: None,
+        watch_config: true,
+        instance: "breakwater".into(),
+        tls: None,
+    }
+}
+
+fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
+    let listen = s
+        .listen
+        .parse()
+        .map_err(|err| {
+            e.add(
+                "server.listen",
+                format!("not a socket address ({err}): {:?}", s.listen),
+            )
+        })
+        .ok();
+    let admin_listen = s
+        .admin_listen
+        .parse()
+        .map_err(|err| {
+            e.add(
+                "server.admin_listen",
+                format!("not a socket address ({err}): {:?}", s.admin_listen),
+            )
+        })
+        .ok();
+    let max_body_bytes = s.max_body_bytes.unwrap_or(MIB);
+    e.check(
+        max_body_bytes > 0,
+        "server.max_body_bytes",
+        "must be greater than 0",
+    );
+    let max_response_buffer_bytes = s.max_response_buffer_bytes.unwrap_or(4 * MIB);
+    let header_read_timeout = positive_ms(
+        e,
+        s.header_read_timeout_ms,
+        10_000,
+        "server.header_read_timeout_ms",
+    );
+    let idle_timeout = positive_ms(e, s.idle_timeout_ms, 60_000, "server.idle_timeout_ms");
+    let shutdown_grace = ms(s.shutdown_grace_ms, 15_000);
+    let admin_token = s.admin_token_file.as_ref().and_then(|f| {
+        let bytes = read_file(e, f, "server.admin_token_file")?;
+        let token = String::from_utf8_lossy(&bytes).trim().to_string();
+        e.check(
+            token.len() >= 16,
+            "server.admin_token_file",
+            "token must be at least 16 characters",
+        )
+        .then_some(AdminToken(token))
+    });
+    let tls = s.tls.as_ref().and_then(|t| {
+        server_tls_config(Path::new(&t.cert_file), Path::new(&t.key_file))
+            .map_err(|err| e.add("server.tls", err))
+            .ok()
+    });
+    let instance = s.instance.clone().unwrap_or_else(default_instance);
+    Some(ServerConfig {
+        listen: listen?,
+        admin_listen: admin_listen?,
+        max_body_bytes,
+        max_response_buffer_bytes,
+        header_read_timeout,
+        idle_timeout,
+        shutdown_grace,
+        admin_token,
+        watch_config: s.watch_config.unwrap_or(true),
+        instance,
+        tls,
+    })
+}
+
+fn default_instance() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "breakwater".to_string())
+}
+
+fn validate_upstream(e: &mut Errors, name: &str, u: &RawUpstream) -> Option<UpstreamConfig> {
+    let p = format!("upstreams.{name}");
+    e.check(
+        valid_name(name),
+        &p,
+        "name may use only a-z, A-Z, 0-9, '-' and '_'",
+    );
+    let uri = match http::Uri::from_str(&u.url) {
+        Ok(uri) => uri,
+        Err(err) => {
+            e.add(
+                format!("{p}.url"),
+                format!("not a URL ({err}): {:?}", u.url),
+            );
+            return None;
+        }
+    };
+    let scheme = uri.scheme().cloned();
+    let ok_scheme = matches!(
+        scheme.as_ref().map(|s| s.as_str()),
+        Some("http") | Some("https")
+    );
+    e.check(
+        ok_scheme,
+        format!("{p}.url"),
+        "scheme must be http or https",
+    );
+    let authority = uri.authority().cloned();
+    e.check(
+        authority.is_some(),
+        format!("{p}.url"),
+        "must include a host",
+    );
+    e.check(
+        uri.query().is_none(),
+        format!("{p}.url"),
+        "must not have a query string",
+    );
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    let is_https = scheme.as_ref().map(|s| s.as_str()) == Some("https");
+
+    let has_tls_files =
+        u.ca_file.is_some() || u.client_cert_file.is_some() || u.client_key_file.is_some();
+    if has_tls_files && !is_https {
+        e.add(
+            format!("{p}.url"),
+            "ca_file / client_cert_file / client_key_file need an https:// url",
+        );
+    }
+    if u.client_cert_file.is_some() != u.client_key_file.is_some() {
+        e.add(
+            format!("{p}.client_cert_file"),
+            "client_cert_file and client_key_file go together (mTLS)",
+        );
+    }
+    let tls = if is_https {
+        let client_auth = u
+            .client_cert_file
+            .as_deref()
+            .zip(u.client_key_file.as_deref());
+        client_tls_config(
+            u.ca_file.as_deref().map(Path::new),
+            client_auth.map(|(c, k)| (Path::new(c), Path::new(k))),
+        )
+        .map_err(|err| e.add(format!("{p}.tls"), err))
+        .ok()
+    } else {
+        None
+    };
+
+    let concurrency = match u.max_concurrency {
+        Some(max) => {
+            e.check(
+                max > 0,
+                format!("{p}.max_concurrency"),
+                "must be greater than 0",
+            );
+            let min = u.min_concurrency.unwrap_or(1);
+            e.check(
+                min >= 1 && min <= max,
+                format!("{p}.min_concurrency"),
+                "must be between 1 and max_concurrency",
+            );
+            Some(ConcurrencyConfig {
+                max,
+                min,
+                adaptive: u.adaptive_concurrency.unwrap_or(false),
+            })
+        }
+        None => {
+            e.check(
+                u.adaptive_concurrency.is_none() && u.min_concurrency.is_none(),
+                format!("{p}.max_concurrency"),
+                "adaptive_concurrency and min_concurrency need max_concurrency",
+            );
+            None
+        }
+    };
+
+    let mut headers = Vec::new();
+    for (k, v) in &u.headers {
+        let name = http::HeaderName::from_str(k);
+        let value = http::HeaderValue::from_str(v);
+        match (name, value) {
+            (Ok(n), Ok(v)) => {
+                let mut v = v;
+                v.set_sensitive(true);
+                headers.push((n, v))
+            }
+            _ => e.add(
+                format!("{p}.headers.{k}"),
+                "not a valid HTTP header name and value",
+            ),
+        }
+    }
+    let connect_timeout = positive_ms(
+        e,
+        u.connect_timeout_ms,
+        250,
+        &format!("{p}.connect_timeout_ms"),
+    );
+    let fingerprint =
+        serde_json::to_string(&(u, file_stamp(&u.ca_file), file_stamp(&u.client_cert_file)))
+            .unwrap_or_default();
+    Some(UpstreamConfig {
+        name: name.to_string(),
+        scheme: scheme?,
+        authority: authority?,
+        base_path,
+        connect_timeout,
+        http2_prior_knowledge: u.http2.unwrap_or(false) && !is_https,
+        pool_idle_timeout: ms(u.pool_idle_timeout_ms, 90_000),
+        pool_max_idle_per_host: u.pool_max_idle_per_host.unwrap_or(256),
+        tls,
+        concurrency,
+        headers,
+        fingerprint,
+    })
+}
+
+/// A cert rotated in place must rebuild the client even when the config text is unchanged.
+fn file_stamp(file: &Option<String>) -> Option<(u64, Option<std::time::SystemTime>)> {
+    let meta = std::fs::metadata(file.as_ref()?).ok()?;
+    Some((meta.len(), meta.modified().ok()))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn validate_route(
+    e: &mut Errors,
+    p: &str,
+    r: &RawRoute,
+    upstreams: &HashSet<&str>,
+) -> Option<RouteConfig> {
+    let before = e.0.len();
+    e.check(
+        valid_name(&r.name),
+        format!("{p}.name"),
+        "must be 1-64 characters of a-z, A-Z, 0-9, '-' and '_' (it becomes a metric label and a queue name)",
+    );
+    e.check(
+        r.path_prefix.starts_with('/'),
+        format!("{p}.path_prefix"),
+        "must start with '/'",
+    );
+    e.check(
+        upstreams.contains(r.upstream.as_str()),
+        format!("{p}.upstream"),
+        format!("no [upstreams.{}] defined", r.upstream),
+    );
+    let methods = r.methods.as_ref().map(|ms| {
+        ms.iter()
+            .enumerate()
+            .filter_map(|(j, m)| {
+                http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| {
+                        e.add(
+                            format!("{p}.methods[{j}]"),
+                            format!("not an HTTP method: {m:?}"),
+                        )
+                    })
+                    .ok()
+            })
+            .collect::<Vec<_>>()
+    });
+    let timeout = positive_ms(e, r.timeout_ms, 1000, &format!("{p}.timeout_ms"));
+    let model_version_header = r.model_version_header.as_ref().and_then(|h| {
+        http::HeaderName::from_str(h)
+            .map_err(|_| {
+                e.add(
+                    format!("{p}.model_version_header"),
+                    "not a valid header name",
+                )
+            })
+            .ok()
+    });
+    if let Some(ptr) = &r.model_version_pointer {
+        e.check(
+            ptr.starts_with('/'),
+            format!("{p}.model_version_pointer"),
+            "a JSON pointer must start with '/' (RFC 6901), e.g. \"/model/version\"",
+        );
+    }
+
+    let retry = r.retry.as_ref().map(|rt| {
+        let rp = format!("{p}.retry");
+        let max_attempts = rt.max_attempts.unwrap_or(2);
+        e.check(
+            (1..=10).contains(&max_attempts),
+            format!("{rp}.max_attempts"),
+            "must be between 1 and 10 (attempts include the first try)",
+        );
+        let backoff_base = ms(rt.backoff_base_ms, 25);
+        let backoff_max = ms(rt.backoff_max_ms, 250);
+        e.check(
+            backoff_base <= backoff_max,
+            format!("{rp}.backoff_base_ms"),
+            "must not exceed backoff_max_ms",
+        );
+        ratio(e, rt.budget_ratio, &format!("{rp}.budget_ratio"), true);
+        RetryConfig {
+            max_attempts,
+            backoff_base,
+            backoff_max,
+            budget_ratio: rt.budget_ratio.unwrap_or(0.2),
+            budget_min_per_s: rt.budget_min_per_s.unwrap_or(1),
+        }
+    });
+
+    let breaker = r.breaker.as_ref().map(|b| {
+        let bp = format!("{p}.breaker");
+        ratio(e, b.failure_rate, &format!("{bp}.failure_rate"), false);
+        ratio(e, b.slow_call_rate, &format!("{bp}.slow_call_rate"), false);
+        e.check(
+            b.slow_call_rate.is_none() || b.slow_call_ms.is_some(),
+            format!("{bp}.slow_call_rate"),
+            "needs slow_call_ms",
+        );
+        let window = positive_ms(e, b.window_ms, 10_000, &format!("{bp}.window_ms"));
+        let open = positive_ms(e, b.open_ms, 5_000, &format!("{bp}.open_ms"));
+        let open_max = ms(b.open_max_ms, 60_000.max(b.open_ms.unwrap_or(5_000)));
+        e.check(
+            open <= open_max,
+            format!("{bp}.open_max_ms"),
+            "must be at least open_ms",
+        );
+        let half_open_probes = b.half_open_probes.unwrap_or(3);
+        e.check(
+            half_open_probes >= 1,
+            format!("{bp}.half_open_probes"),
+            "must be at least 1",
+        );
+        BreakerConfig {
+            consecutive_failures: b.consecutive_failures.unwrap_or(5),
+            failure_rate: b.failure_rate.or(Some(0.5)),
+            slow_call: b.slow_call_ms.map(Duration::from_millis),
+            slow_call_rate: b.slow_call_rate.or(b.slow_call_ms.map(|_| 0.8)),
+            window,
+            minimum_requests: b.minimum_requests.unwrap_or(20),
+            open,
+            open_max,
+            half_open_probes,
+        }
+    });
+
+    let mut fallback = Vec::new();
+    for (j, f) in r.fallback.iter().enumerate() {
+        if let Some(fb) = validate_fallback(e, &format!("{p}.fallback[{j}]"), f, upstreams) {
+            fallback.push(fb);
+        }
+    }
+
+    let mut variants = Vec::new();
+    let mut variant_names = HashSet::new();
+    let mut total_weight = 0.0;
+    for (j, v) in r.variants.iter().enumerate() {
+        let vp = format!("{p}.variants[{j}]");
+        e.check(
+            valid_name(&v.name),
+            format!("{vp}.name"),
+            "must be 1-64 characters of a-z, A-Z, 0-9, '-' and '_'",
+        );
+        e.check(
+            variant_names.insert(v.name.clone()),
+            format!("{vp}.name"),
+            format!("duplicate variant {:?}", v.name),
+        );
+        e.check(
+            upstreams.contains(v.upstream.as_str()),
+            format!("{vp}.upstream"),
+            format!("no [upstreams.{}] defined", v.upstream),
+        );
+        e.check(
+            v.weight.is_finite() && (0.0..=100.0).contains(&v.weight),
+            format!("{vp}.weight"),
+            "must be a percentage between 0 and 100",
+        );
+        total_weight += v.weight;
+        let sticky_header = v.sticky_header.as_ref().and_then(|h| {
+            http::HeaderName::from_str(h)
+                .map_err(|_| e.add(format!("{vp}.sticky_header"), "not a valid header name"))
+                .ok()
+        });
+        variants.push(VariantConfig {
+            name: v.name.clone(),
+            upstream: v.upstream.clone(),
+            weight: v.weight,
+            sticky_header,
+        });
+    }
+    e.check(
+        total_weight <= 100.0 + 1e-9,
+        format!("{p}.variants"),
+        format!("weights add up to {total_weight}, more than 100 percent"),
+    );
+    let canary = r.canary.as_ref().map(|c| {
+        let cp = format!("{p}.canary");
+        ratio(e, c.max_error_rate, &format!("{cp}.max_error_rate"), true);
+        e.check(
+            !variants.is_empty(),
+            &cp,
+            "needs at least one [[routes.variants]]",
+        );
+        CanaryConfig {
+            auto_rollback: c.auto_rollback.unwrap_or(true),
+            max_error_rate: c.max_error_rate.unwrap_or(0.05),
+            max_p99: c.max_p99_ms.map(Duration::from_millis),
+            min_requests: c.min_requests.unwrap_or(50),
+            window: positive_ms(e, c.window_ms, 60_000, &format!("{cp}.window_ms")),
+        }
+    });
+
+    if e.0.len() != before {
+        return None;
+    }
+    Some(RouteConfig {
+        name: Arc::from(r.name.as_str()),
+        path_prefix: r.path_prefix.clone(),
+        host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        methods,
+        upstream: r.upstream.clone(),
+        timeout,
+        ai_enabled: r.ai_enabled.unwrap_or(true),
+        model_version_header,
+        model_version_pointer: r.model_version_pointer.clone(),
+        replayable: r.replayable.unwrap_or(false),
+        retry,
+        breaker,
+        fallback,
+        variants,
+        canary,
+    })
+}
+
+fn validate_fallback(
+    e: &mut Errors,
+    p: &str,
+    f: &RawFallback,
+    upstreams: &HashSet<&str>,
+) -> Option<FallbackConfig> {
+    // Keys that belong to another kind are a mistake worth reporting, not ignoring.
+    let stray = |present: &[(&str, bool)], e: &mut Errors| {
+        for (key, set) in present {
+            if *set {
+                e.add(
+                    format!("{p}.{key}"),
+                    format!("not a key of a {:?} fallback", f.kind),
+                );
+            }
+        }
+    };
+    match f.kind.as_str() {
+        "cache" => {
+            stray(
+                &[
+                    ("upstream", f.upstream.is_some()),
+                    ("timeout_ms", f.timeout_ms.is_some()),
+                    ("status", f.status.is_some()),
+                    ("body", f.body.is_some()),
+                    ("body_file", f.body_file.is_some()),
+                    ("content_type", f.content_type.is_some()),
+                ],
+                e,
+            );
+            let ttl_s = f.ttl_s.unwrap_or(600);
+            e.check(ttl_s > 0, format!("{p}.ttl_s"), "must be greater than 0");
+            Some(FallbackConfig::Cache {
+                ttl: Duration::from_secs(ttl_s),
+                max_entries: f.max_entries.unwrap_or(10_000),
+                max_bytes: f.max_bytes.unwrap_or(64 * MIB),
+            })
+        }
+        "upstream" => {
+            stray(
+                &[
+                    ("ttl_s", f.ttl_s.is_some()),
+                    ("max_entries", f.max_entries.is_some()),
+                    ("max_bytes", f.max_bytes.is_some()),
+                    ("status", f.status.is_some()),
+                    ("body", f.body.is_some()),
+                    ("body_file", f.body_file.is_some()),
+                    ("content_type", f.content_type.is_some()),
+                ],
+                e,
+            );
+            let Some(up) = &f.upstream else {
+                e.add(
+                    format!("{p}.upstream"),
+                    "an upstream fallback needs `upstream`",
+                );
+                return None;
+            };
+            e.check(
+                upstreams.contains(up.as_str()),
+                format!("{p}.upstream"),
+                format!("no [upstreams.{up}] defined"),
+            );
+            Some(FallbackConfig::Upstream {
+                upstream: up.clone(),
+                timeout: positive_ms(e, f.timeout_ms, 500, &format!("{p}.timeout_ms")),
+            })
+        }
+        "static" => {
+            stray(
+                &[
+                    ("ttl_s", f.ttl_s.is_some()),
+                    ("max_entries", f.max_entries.is_some()),
+                    ("max_bytes", f.max_bytes.is_some()),
+                    ("upstream", f.upstream.is_some()),
+                    ("timeout_ms", f.timeout_ms.is_some()),
+                ],
+                e,
+            );
+            let status = match http::StatusCode::from_u16(f.status.unwrap_or(200)) {
+                Ok(s) => s,
+                Err(_) => {
+                    e.add(format!("{p}.status"), "not an HTTP status code");
+                    return None;
+                }
+            };
+            let body = match (&f.body, &f.body_file) {
+                (Some(b), None) => Bytes::from(b.clone()),
+                (None, Some(file)) => Bytes::from(read_file(e, file, &format!("{p}.body_file"))?),
+                (None, None) => {
+                    e.add(
+                        p.to_string(),
+                        "a static fallback needs `body` or `body_file`",
+                    );
+                    return None;
+                }
+                (Some(_), Some(_)) => {
+                    e.add(p.to_string(), "give either `body` or `body_file`, not both");
+                    return None;
+                }
+            };
+            let content_type = http::HeaderValue::from_str(
+                f.content_type.as_deref().unwrap_or("application/json"),
+            )
+            .map_err(|_| e.add(format!("{p}.content_type"), "not a valid header value"))
+            .ok()?;
+            Some(FallbackConfig::Static {
+                status,
+                body,
+                content_type,
+            })
+        }
+        other => {
+            e.add(
+                format!("{p}.kind"),
+                format!("unknown fallback kind {other:?}: expected cache, upstream or static"),
+            );
+            None
+        }
+    }
+}
+
+fn validate_audit(e: &mut Errors, a: &RawAudit) -> Option<AuditConfig> {
+    let on_full_drop = match a.on_full.as_deref().unwrap_or("block") {
+        "block" => false,
+        "drop" => true,
+        other => {
+            e.add(
+                "audit.on_full",
+                format!("expected \"block\" or \"drop\", got {other:?}"),
+            );
+            false
+        }
+    };
+    let rotate_bytes = a.rotate_bytes.unwrap_or(100 * MIB);
+    e.check(
+        rotate_bytes >= 4096,
+        "audit.rotate_bytes",
+        "must be at least 4096",
+    );
+    let retention_days = a.retention_days.unwrap_or(183);
+    e.check(
+        retention_days >= 1,
+        "audit.retention_days",
+        "must be at least 1",
+    );
+    let channel_capacity = a.channel_capacity.unwrap_or(65_536);
+    e.check(
+        channel_capacity >= 1,
+        "audit.channel_capacity",
+        "must be at least 1",
+    );
+    let key = read_file(e, &a.hmac_key_file, "audit.hmac_key_file")?;
+    let (hmac_key, key_id) = parse_hmac_key(&key)
+        .map_err(|m| e.add("audit.hmac_key_file", m))
+        .ok()?;
+    Some(AuditConfig {
+        path: PathBuf::from(&a.path),
+        hmac_key,
+        key_id,
+        redact_headers: a
+            .redact_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        rotate_bytes,
+        retention_days,
+        on_full_drop,
+        channel_capacity,
+        fsync_interval: positive_ms(e, a.fsync_interval_ms, 10, "audit.fsync_interval_ms"),
+        fsync_max_records: a.fsync_max_records.unwrap_or(256).max(1),
+        publish: validate_audit_publish(e, a),
+    })
+}
+
+fn validate_audit_publish(e: &mut Errors, a: &RawAudit) -> Option<AuditPublishConfig> {
+    let url = a.publish_url.clone().filter(|u| !u.is_empty());
+    if url.is_none() && (a.publish_exchange.is_some() || a.publish_buffer.is_some()) {
+        e.add(
+            "audit.publish_url",
+            "publish_exchange and publish_buffer need publish_url",
+        );
+    }
+    let url = url?;
+    e.check(
+        url.starts_with("amqp://") || url.starts_with("amqps://"),
+        "audit.publish_url",
+        "must start with amqp:// or amqps://",
+    );
+    let exchange = a
+        .publish_exchange
+        .clone()
+        .unwrap_or_else(|| "breakwater.audit".into());
+    e.check(
+        !exchange.is_empty(),
+        "audit.publish_exchange",
+        "must not be empty",
+    );
+    let buffer = a.publish_buffer.unwrap_or(65_536);
+    e.check(buffer >= 1, "audit.publish_buffer", "must be at least 1");
+    Some(AuditPublishConfig {
+        url,
+        exchange,
+        buffer,
+    })
+}
+
+/// Key file: the key as hex (at least 32 bytes once decoded) on one line, optionally
+/// preceded by `key_id:`. The key id defaults to the first 16 hex chars of SHA-256(key).
+pub(crate) fn parse_hmac_key(file: &[u8]) -> Result<(Vec<u8>, String), String> {
+    let text = std::str::from_utf8(file).map_err(|_| "key file must be text (hex)".to_string())?;
+    let text = text.trim();
+    let (id, hex_key) = match text.split_once(':') {
+        Some((id, k)) => (Some(id.trim().to_string()), k.trim()),
+        None => (None, text),
+    };
+    let key = hex::decode(hex_key).map_err(|_| "key must be hex encoded".to_string())?;
+    if key.len() < 32 {
+        return Err(format!(
+            "key is {} bytes; at least 32 are required",
+            key.len()
+        ));
+    }
+    let id = id.unwrap_or_else(|| hex::encode(&Sha256::digest(&key)[..8]));
+    Ok((key, id))
+}
+
+fn validate_dlq(e: &mut Errors, d: &RawDlq) -> DlqConfig {
+    let amqp_url = d
+        .amqp_url
+        .clone()
+        .or_else(|| std::env::var("BREAKWATER_AMQP_URL").ok())
+        .filter(|u| !u.is_empty());
+    if let Some(url) = &amqp_url {
+        e.check(
+            url.starts_with("amqp://") || url.starts_with("amqps://"),
+            "dlq.amqp_url",
+            "must start with amqp:// or amqps://",
+        );
+    }
+    let spool_max_bytes = d.spool_max_bytes.unwrap_or(1024 * MIB);
+    e.check(
+        spool_max_bytes >= MIB,
+        "dlq.spool_max_bytes",
+        "must be at least 1 MiB",
+    );
+    let max_replay_attempts = d.max_replay_attempts.unwrap_or(5);
+    e.check(
+        max_replay_attempts >= 1,
+        "dlq.max_replay_attempts",
+        "must be at least 1",
+    );
+    let replay_rate_per_s = d.replay_rate_per_s.unwrap_or(50);
+    e.check(
+        replay_rate_per_s >= 1,
+        "dlq.replay_rate_per_s",
+        "must be at least 1",
+    );
+    DlqConfig {
+        amqp_url,
+        exchange: d
+            .exchange
+            .clone()
+            .unwrap_or_else(|| "breakwater.dlq".into()),
+        spool_dir: PathBuf::from(d.spool_dir.clone().unwrap_or_else(|| "var/spool".into())),
+        spool_max_bytes,
+        segment_bytes: d.segment_bytes.unwrap_or(16 * MIB).max(4096),
+        fsync_interval: positive_ms(e, d.fsync_interval_ms, 2, "dlq.fsync_interval_ms"),
+        replay_rate_per_s,
+        max_replay_attempts,
+        prefetch: d.prefetch.unwrap_or(16).max(1),
+        confirm_timeout: positive_ms(e, d.confirm_timeout_ms, 5_000, "dlq.confirm_timeout_ms"),
+        queued_wait: ms(d.queued_wait_ms, 20),
+        results_exchange: d
+            .results_exchange
+            .clone()
+            .unwrap_or_else(|| "breakwater.results".into()),
+    }
+}

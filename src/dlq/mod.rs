@@ -1,0 +1,844 @@
+//! Dead-letter queue: replayable requests the AI did not answer are spooled locally
+//! (fsync'd), drained in order to RabbitMQ with publisher confirms, and replayed to the AI
+//! once it has recovered, with the answer published back for Magento.
+//!
+//! Request path: `DlqHandle::enqueue` (bounded wait for the group fsync). Background:
+//! the drainer (spool -> RabbitMQ, or straight to replay with no broker configured) and
+//! one replay worker per route (RabbitMQ -> AI -> results exchange).
+
+pub mod envelope;
+pub mod rabbit;
+pub mod spool;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio_util::sync::CancellationToken;
+
+pub use envelope::Envelope;
+use rabbit::{Link, RabbitError};
+use spool::{SpoolReader, SpoolSettings, SpoolWriter};
+
+use crate::proxy::types::DlqOutcome;
+use crate::telemetry;
+
+#[derive(Debug, Clone)]
+pub struct DlqSettings {
+    pub amqp_url: Option<String>,
+    pub exchange: String,
+    pub results_exchange: String,
+    pub spool: SpoolSettings,
+    pub replay_rate_per_s: u32,
+    pub max_replay_attempts: u32,
+    pub prefetch: u16,
+    pub confirm_timeout: Duration,
+    /// How long `enqueue` waits for the broker's confirm before answering `spooled`.
+    pub queued_wait: Duration,
+    pub routes: Vec<String>,
+    pub redact_headers: Vec<String>,
+}
+
+/// The AI answer to a replayed request.
+#[derive(Debug, Clone)]
+pub struct ReplayAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub model_version: Option<String>,
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayFailure {
+    pub reason: String,
+    /// False when another try cannot help (the AI said the request itself is bad).
+    pub retryable: bool,
+    /// False when the AI was not called at all (breaker said no): no attempt is counted.
+    pub attempted: bool,
+}
+
+pub type ReplayFuture = Pin<Box<dyn Future<Output = Result<ReplayAnswer, ReplayFailure>> + Send>>;
+
+/// What the replay worker needs from the proxy: is the AI back, send the request, record.
+pub trait ReplayTarget: Send + Sync + 'static {
+    /// Breaker closed and AI enabled for the route.
+    fn ready(&self, route: &str) -> bool;
+    fn replay(&self, env: &Envelope) -> ReplayFuture;
+    /// Writes the decision record of a replay (`replayed` or `replay_failed`).
+    fn recorded(&self, env: &Envelope, result: &Result<ReplayAnswer, ReplayFailure>);
+}
+
+#[derive(Debug, Default)]
+struct RouteCounters {
+    paused: AtomicBool,
+    triggered: AtomicBool,
+    replayed: AtomicU64,
+    failed: AtomicU64,
+    parked: AtomicU64,
+}
+
+struct Inner {
+    settings: DlqSettings,
+    writer: SpoolWriter,
+    routes: Mutex<HashMap<String, Arc<RouteCounters>>>,
+    publisher_connected: AtomicBool,
+    publisher_blocked: AtomicBool,
+    started: std::time::Instant,
+    pacers: Mutex<HashMap<String, Pacer>>,
+}
+
+/// The request side and the admin side of the DLQ. Cheap to clone.
+#[derive(Clone)]
+pub struct DlqHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DlqHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DlqHandle")
+    }
+}
+
+impl DlqHandle {
+    fn counters(&self, route: &str) -> Arc<RouteCounters> {
+        let mut routes = match self.inner.routes.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        routes.entry(route.to_string()).or_default().clone()
+    }
+
+    /// Spools the message; returns once it is fsync'd (`spooled`), or confirmed by
+    /// RabbitMQ within `queued_wait` (`queued`), or could not be kept (`rejected`).
+    pub async fn enqueue(&self, env: &Envelope) -> DlqOutcome {
+        let payload = match serde_json::to_vec(env) {
+            Ok(p) => Bytes::from(p),
+            Err(_) => return self.count(&env.route, DlqOutcome::Rejected),
+        };
+        let msg_id = uuid::Uuid::parse_str(&env.msg_id)
+            .map(|u| *u.as_bytes())
+            .unwrap_or([0; 16]);
+        let mut confirmed = self.inner.writer.state.confirmed.subscribe();
+        let pos = match self.inner.writer.append(msg_id, payload).await {
+            Ok(pos) => pos,
+            Err(e) => {
+                tracing::error!(route = %env.route, request_id = %env.request_id, error = %e, "DLQ message rejected");
+                return self.count(&env.route, DlqOutcome::Rejected);
+            }
+        };
+        if self.inner.settings.amqp_url.is_some()
+            && self.inner.publisher_connected.load(Ordering::Relaxed)
+        {
+            let wait = confirmed.wait_for(|c| *c >= pos);
+            if let Ok(Ok(_)) = tokio::time::timeout(self.inner.settings.queued_wait, wait).await {
+                return self.count(&env.route, DlqOutcome::Queued);
+            }
+        }
+        self.count(&env.route, DlqOutcome::Spooled)
+    }
+
+    fn count(&self, route: &str, outcome: DlqOutcome) -> DlqOutcome {
+        metrics::counter!(telemetry::DLQ_MESSAGES, "route" => route.to_string(), "result" => outcome.as_str()).increment(1);
+        outcome
+    }
+
+    pub fn pause(&self, route: Option<&str>, paused: bool) {
+        let routes: Vec<String> = match route {
+            Some(r) => vec![r.to_string()],
+            None => self.inner.settings.routes.clone(),
+        };
+        for r in routes {
+            self.counters(&r).paused.store(paused, Ordering::Relaxed);
+        }
+    }
+
+    /// Replay now, even while paused or while the breaker has not closed yet.
+    pub fn trigger(&self, route: &str) {
+        self.counters(route)
+            .triggered
+            .store(true, Ordering::Relaxed);
+    }
+
+    pub fn knows_route(&self, route: &str) -> bool {
+        self.inner.settings.routes.iter().any(|r| r == route)
+    }
+
+    /// For `GET /admin/dlq`.
+    pub async fn status(&self) -> serde_json::Value {
+        let state = &self.inner.writer.state;
+        let oldest = state.oldest_ms.load(Ordering::Relaxed);
+        let mut depths: HashMap<String, (Option<u32>, Option<u32>)> = HashMap::new();
+        if let Some(url) = &self.inner.settings.amqp_url {
+            let probe = async {
+                let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                let ch = conn.create_channel().await.ok()?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                let mut out = HashMap::new();
+                for r in &self.inner.settings.routes {
+                    let q = ch
+                        .queue_declare(
+                            rabbit::queue_name(r).as_str().into(),
+                            passive,
+                            FieldTable::default(),
+                        )
+                        .await
+                        .ok()
+                        .map(|q| q.message_count());
+                    let p = ch
+                        .queue_declare(
+                            rabbit::parked_name(r).as_str().into(),
+                            passive,
+                            FieldTable::default(),
+                        )
+                        .await
+                        .ok()
+                        .map(|q| q.message_count());
+                    out.insert(r.clone(), (q, p));
+                }
+                let _ = conn.close(200, "admin probe".into()).await;
+                Some(out)
+            };
+            if let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+                depths = d;
+            }
+        }
+        let uptime = self.inner.started.elapsed().as_secs_f64().max(1.0);
+        let routes: serde_json::Map<String, serde_json::Value> = self
+            .inner
+            .settings
+            .routes
+            .iter()
+            .map(|r| {
+                let c = self.counters(r);
+                let (depth, parked) = depths.get(r).copied().unwrap_or((None, None));
+                (
+                    r.clone(),
+                    serde_json::json!({
+                        "queue": rabbit::queue_name(r),
+                        "queue_depth": depth,
+                        "parked_depth": parked,
+                        "paused": c.paused.load(Ordering::Relaxed),
+                        "replayed": c.replayed.load(Ordering::Relaxed),
+                        "replay_failed": c.failed.load(Ordering::Relaxed),
+                        "parked": c.parked.load(Ordering::Relaxed),
+                        "replay_rate_per_s_avg": c.replayed.load(Ordering::Relaxed) as f64 / uptime,
+                        "replay_rate_limit_per_s": self.inner.settings.replay_rate_per_s,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "broker": {
+                "configured": self.inner.settings.amqp_url.is_some(),
+                "connected": self.inner.publisher_connected.load(Ordering::Relaxed),
+                "blocked": self.inner.publisher_blocked.load(Ordering::Relaxed),
+            },
+            "spool": {
+                "dir": state.dir.display().to_string(),
+                "bytes": state.bytes(),
+                "segments": state.segment_count(),
+                "corrupt_records": state.corrupt.load(Ordering::Relaxed),
+                "oldest_pending_age_s": if oldest == 0 { None } else { Some(spool::now_ms().saturating_sub(oldest) as f64 / 1000.0) },
+            },
+            "routes": routes,
+        })
+    }
+}
+
+/// Opens the spool and starts the drainer and the replay workers.
+pub fn start(
+    settings: DlqSettings,
+    target: Arc<dyn ReplayTarget>,
+    shutdown: CancellationToken,
+) -> Result<(DlqHandle, Vec<tokio::task::JoinHandle<()>>), spool::SpoolError> {
+    let (writer, recovery) = spool::open(settings.spool.clone())?;
+    if recovery.records > 0 || recovery.corrupt > 0 {
+        tracing::info!(
+            records = recovery.records,
+            corrupt = recovery.corrupt,
+            truncated = recovery.truncated_bytes,
+            "DLQ spool recovered"
+        );
+    }
+    let inner = Arc::new(Inner {
+        writer,
+        routes: Mutex::new(HashMap::new()),
+        publisher_connected: AtomicBool::new(false),
+        publisher_blocked: AtomicBool::new(false),
+        started: std::time::Instant::now(),
+        pacers: Mutex::new(HashMap::new()),
+        settings,
+    });
+    let handle = DlqHandle {
+        inner: inner.clone(),
+    };
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(drain(
+        handle.clone(),
+        target.clone(),
+        shutdown.clone(),
+    )));
+    if inner.settings.amqp_url.is_some() {
+        for route in inner.settings.routes.clone() {
+            tasks.push(tokio::spawn(replay_worker(
+                handle.clone(),
+                route,
+                target.clone(),
+                shutdown.clone(),
+            )));
+        }
+    }
+    Ok((handle, tasks))
+}
+
+async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.cancelled() => true,
+    }
+}
+
+/// Spool -> RabbitMQ, in order; the cursor moves only over confirmed records. With no
+/// broker configured, spool -> AI directly once the route is ready.
+async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: CancellationToken) {
+    let inner = handle.inner.clone();
+    let mut reader = SpoolReader::new(inner.writer.state.clone());
+    let mut link: Option<Link> = None;
+    let mut attempt = 0u32;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let state = reader.state.clone();
+        // Small reads from the page cache, in a background task (never the request path).
+        let batch = match reader.next_batch(1 << 20) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the DLQ spool");
+                if sleep_or_stop(Duration::from_secs(1), &shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = state.appended.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        // Decode the batch; corrupt or unreadable records are skipped (and counted) but
+        // keep their place, so the cursor only ever moves forward in order.
+        let mut items: Vec<(spool::Position, Option<(Envelope, Bytes)>)> =
+            Vec::with_capacity(batch.len());
+        for record in batch {
+            let pos = (record.segment, record.end);
+            let Some(payload) = record.payload.clone() else {
+                tracing::error!(
+                    segment = record.segment,
+                    offset = record.end,
+                    "corrupt DLQ spool record skipped"
+                );
+                metrics::counter!(telemetry::DLQ_MESSAGES, "route" => "", "result" => "corrupt")
+                    .increment(1);
+                items.push((pos, None));
+                continue;
+            };
+            match serde_json::from_slice::<Envelope>(&payload) {
+                Ok(env) => items.push((pos, Some((env, payload)))),
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable DLQ message skipped");
+                    items.push((pos, None));
+                }
+            }
+        }
+        let mut next = 0;
+        while next < items.len() {
+            let done = match &inner.settings.amqp_url {
+                Some(url) => {
+                    publish_batch(
+                        &inner,
+                        url,
+                        &mut link,
+                        &mut attempt,
+                        &items[next..],
+                        &mut reader,
+                    )
+                    .await
+                }
+                None => {
+                    let mut n = 0;
+                    for (pos, item) in &items[next..] {
+                        if let Some((env, _)) = item {
+                            if !replay_locally(&handle, &target, env).await {
+                                break;
+                            }
+                        }
+                        reader.advance(*pos);
+                        n += 1;
+                    }
+                    n
+                }
+            };
+            next += done;
+            if next < items.len()
+                && sleep_or_stop(rabbit::reconnect_delay(attempt), &shutdown).await
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Publishes a run of records pipelined (all sent, then the confirms awaited in order) and
+/// advances the cursor over the confirmed prefix. Returns how many records are done.
+async fn publish_batch(
+    inner: &Inner,
+    url: &str,
+    link: &mut Option<Link>,
+    attempt: &mut u32,
+    items: &[(spool::Position, Option<(Envelope, Bytes)>)],
+    reader: &mut SpoolReader,
+) -> usize {
+    if link.as_ref().is_none_or(|l| !l.healthy()) {
+        inner.publisher_connected.store(false, Ordering::Relaxed);
+        match Link::connect(
+            url,
+            &inner.settings.exchange,
+            &inner.settings.results_exchange,
+            "breakwater-dlq-publisher",
+        )
+        .await
+        {
+            Ok(l) => {
+                tracing::info!("DLQ publisher connected to RabbitMQ");
+                *link = Some(l);
+                *attempt = 0;
+            }
+            Err(e) => {
+                *attempt += 1;
+                tracing::warn!(error = %e, attempt = *attempt, "RabbitMQ unreachable; DLQ messages stay in the spool");
+                return 0;
+            }
+        }
+    }
+    let Some(l) = link.as_mut() else { return 0 };
+    inner.publisher_connected.store(true, Ordering::Relaxed);
+    let blocked = l.blocked();
+    inner.publisher_blocked.store(blocked, Ordering::Relaxed);
+    if blocked {
+        *attempt = (*attempt + 1).min(5);
+        return 0;
+    }
+    // Send up to 512 without waiting, then collect the confirms in order.
+    let mut sent = Vec::new();
+    let mut failure = None;
+    for (pos, item) in items.iter().take(512) {
+        let Some((env, payload)) = item else {
+            sent.push((*pos, None, None));
+            continue;
+        };
+        if let Err(e) = l.declare_route(&env.route).await {
+            failure = Some(e);
+            break;
+        }
+        let ex = l.dlq_exchange().to_string();
+        match l
+            .start_publish(
+                &ex,
+                &rabbit::replay_key(&env.route),
+                payload,
+                &env.msg_id,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(c) => sent.push((*pos, Some(c), Some(env.route.clone()))),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let mut done = 0;
+    for (pos, confirm, route) in sent {
+        if let Some(c) = confirm {
+            if let Err(e) = Link::confirmed(c, inner.settings.confirm_timeout).await {
+                failure.get_or_insert(e);
+                break;
+            }
+            if let Some(route) = route {
+                metrics::counter!(telemetry::DLQ_MESSAGES, "route" => route, "result" => "published").increment(1);
+            }
+        }
+        reader.advance(pos);
+        done += 1;
+    }
+    if let Some(e) = failure {
+        tracing::warn!(error = %e, "DLQ publish failed; will retry from the first unconfirmed message");
+        *attempt += 1;
+        if !matches!(e, RabbitError::Blocked) {
+            *link = None;
+        }
+    }
+    done
+}
+
+/// No broker: the spool is the queue. Replays in order once the route is ready.
+async fn replay_locally(
+    handle: &DlqHandle,
+    target: &Arc<dyn ReplayTarget>,
+    env: &Envelope,
+) -> bool {
+    let c = handle.counters(&env.route);
+    let triggered = c.triggered.load(Ordering::Relaxed);
+    if !triggered && (c.paused.load(Ordering::Relaxed) || !target.ready(&env.route)) {
+        return false;
+    }
+    // The local path replays one message per call: the bucket lives with the route.
+    let wait = {
+        let mut pacers = match handle.inner.pacers.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        let pacer = pacers
+            .entry(env.route.clone())
+            .or_insert_with(|| Pacer::new(handle.inner.settings.replay_rate_per_s));
+        let now = tokio::time::Instant::now();
+        let floor = now.checked_sub(Duration::from_millis(100)).unwrap_or(now);
+        pacer.next = pacer.next.max(floor) + pacer.interval;
+        pacer.next
+    };
+    tokio::time::sleep_until(wait).await;
+    let result = target.replay(env).await;
+    target.recorded(env, &result);
+    match result {
+        Ok(_) => {
+            c.replayed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => env.route.clone(), "result" => "replayed").increment(1);
+            true
+        }
+        Err(f) if !f.attempted => false,
+        Err(f) => {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => env.route.clone(), "result" => "failed").increment(1);
+            tracing::warn!(msg_id = %env.msg_id, reason = %f.reason, "local replay failed; the message stays in the spool");
+            false
+        }
+    }
+}
+
+/// Paces replays to `rate` per second: a schedule, not a sleep per message (timers have
+/// millisecond granularity, which would cap the rate near 1000/s). Never bursts more than
+/// a tenth of a second's worth after an idle spell.
+pub struct Pacer {
+    interval: Duration,
+    next: tokio::time::Instant,
+}
+
+impl Pacer {
+    pub fn new(rate: u32) -> Self {
+        Pacer {
+            interval: Duration::from_secs_f64(1.0 / f64::from(rate.max(1))),
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    pub async fn wait(&mut self) {
+        let now = tokio::time::Instant::now();
+        let floor = now.checked_sub(Duration::from_millis(100)).unwrap_or(now);
+        self.next = self.next.max(floor) + self.interval;
+        if self.next > now {
+            tokio::time::sleep_until(self.next).await;
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn delivery_count(props: &lapin::BasicProperties) -> u32 {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => Some(n as u32),
+            AMQPValue::LongInt(n) => Some(n as u32),
+            AMQPValue::ShortInt(n) => Some(n as u32),
+            AMQPValue::LongUInt(n) => Some(n),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// RabbitMQ -> AI -> results exchange, for one route, on its own connection. Consumes only
+/// while the route is ready (breaker closed, AI on) and not paused, at most
+/// `replay_rate_per_s`, with manual acks and a bounded prefetch.
+async fn replay_worker(
+    handle: DlqHandle,
+    route: String,
+    target: Arc<dyn ReplayTarget>,
+    shutdown: CancellationToken,
+) {
+    let inner = handle.inner.clone();
+    let Some(url) = inner.settings.amqp_url.clone() else {
+        return;
+    };
+    let counters = handle.counters(&route);
+    let mut attempt = 0u32;
+    let mut pacer = Pacer::new(inner.settings.replay_rate_per_s);
+    'outer: loop {
+        // Wait until there is a reason to consume.
+        loop {
+            let triggered = counters.triggered.load(Ordering::Relaxed);
+            if triggered || (!counters.paused.load(Ordering::Relaxed) && target.ready(&route)) {
+                break;
+            }
+            if sleep_or_stop(Duration::from_millis(250), &shutdown).await {
+                return;
+            }
+        }
+        let mut link = match Link::connect(
+            &url,
+            &inner.settings.exchange,
+            &inner.settings.results_exchange,
+            &format!("breakwater-replay-{route}"),
+        )
+        .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                attempt += 1;
+                tracing::debug!(error = %e, "replay worker cannot reach RabbitMQ");
+                if sleep_or_stop(rabbit::reconnect_delay(attempt), &shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        attempt = 0;
+        if link.declare_route(&route).await.is_err() {
+            continue;
+        }
+        let consume = async {
+            link.channel
+                .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
+                .await?;
+            link.channel
+                .basic_consume(
+                    rabbit::queue_name(&route).as_str().into(),
+                    format!("breakwater-replay-{route}").as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+        };
+        let mut consumer = match consume.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, route, "cannot consume the DLQ queue");
+                continue;
+            }
+        };
+        loop {
+            let triggered = counters.triggered.load(Ordering::Relaxed);
+            if !triggered && (counters.paused.load(Ordering::Relaxed) || !target.ready(&route)) {
+                // Stop consuming: unacked messages go back to the queue on close.
+                let _ = link.conn.close(200, "replay paused".into()).await;
+                continue 'outer;
+            }
+            let next = tokio::select! {
+                n = tokio::time::timeout(Duration::from_millis(500), consumer.next()) => n,
+                _ = shutdown.cancelled() => {
+                    let _ = link.conn.close(200, "shutdown".into()).await;
+                    return;
+                }
+            };
+            let delivery = match next {
+                Err(_) => {
+                    // Queue empty for now: a trigger is satisfied.
+                    counters.triggered.store(false, Ordering::Relaxed);
+                    continue;
+                }
+                Ok(None) | Ok(Some(Err(_))) => continue 'outer,
+                Ok(Some(Ok(d))) => d,
+            };
+            pacer.wait().await;
+            let mut env: Envelope = match serde_json::from_slice(&delivery.data) {
+                Ok(e) => e,
+                Err(e) => {
+                    park(
+                        &link,
+                        &route,
+                        &delivery.data,
+                        "unknown",
+                        &format!("unreadable message: {e}"),
+                        &inner,
+                    )
+                    .await;
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    continue;
+                }
+            };
+            let attempts = env.attempts + 1;
+            let result = target.replay(&env).await;
+            target.recorded(&env, &result);
+            match result {
+                Ok(answer) => {
+                    let body = serde_json::json!({
+                        "msg_id": env.msg_id,
+                        "request_id": env.request_id,
+                        "route": env.route,
+                        "status": answer.status,
+                        "model_version": answer.model_version,
+                        "upstream": answer.upstream,
+                        "headers": answer.headers,
+                        "body_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &answer.body),
+                        "replayed_at": crate::audit::rfc3339(std::time::SystemTime::now()),
+                        "attempts": attempts,
+                    });
+                    let mut headers = FieldTable::default();
+                    headers.insert(
+                        "request_id".into(),
+                        AMQPValue::LongString(env.request_id.as_str().into()),
+                    );
+                    let ex = link.results_exchange().to_string();
+                    let published = link
+                        .publish(
+                            &ex,
+                            &rabbit::result_key(&route),
+                            body.to_string().as_bytes(),
+                            &env.msg_id,
+                            headers,
+                            inner.settings.confirm_timeout,
+                        )
+                        .await;
+                    match published {
+                        Ok(()) => {
+                            counters.replayed.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => route.clone(), "result" => "replayed").increment(1);
+                            let _ = delivery.ack(BasicAckOptions::default()).await;
+                        }
+                        Err(e) => {
+                            // The AI answered but the result is not out yet: redeliver (the
+                            // AI sees the same Idempotency-Key again).
+                            tracing::warn!(error = %e, "cannot publish a replay result; requeueing");
+                            let _ = delivery
+                                .nack(BasicNackOptions {
+                                    requeue: true,
+                                    ..Default::default()
+                                })
+                                .await;
+                            continue 'outer;
+                        }
+                    }
+                }
+                Err(failure) if !failure.attempted => {
+                    // Not tried (the breaker is probing or open): back to the queue as is.
+                    let _ = delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
+                    if sleep_or_stop(Duration::from_millis(250), &shutdown).await {
+                        return;
+                    }
+                }
+                Err(failure) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => route.clone(), "result" => "failed").increment(1);
+                    // The attempt count travels in the message itself (`attempts`), so only
+                    // real tries count, not redeliveries after a consumer stopped.
+                    env.attempts = attempts;
+                    let payload =
+                        serde_json::to_vec(&env).unwrap_or_else(|_| delivery.data.clone());
+                    let handed_on = if !failure.retryable
+                        || attempts >= inner.settings.max_replay_attempts
+                    {
+                        let reason = format!("{} (after {attempts} attempt(s))", failure.reason);
+                        let parked =
+                            park(&link, &route, &payload, &env.msg_id, &reason, &inner).await;
+                        if parked {
+                            counters.parked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        parked
+                    } else {
+                        let ex = link.dlq_exchange().to_string();
+                        link.publish(
+                            &ex,
+                            &rabbit::replay_key(&route),
+                            &payload,
+                            &env.msg_id,
+                            FieldTable::default(),
+                            inner.settings.confirm_timeout,
+                        )
+                        .await
+                        .is_ok()
+                    };
+                    if handed_on {
+                        let _ = delivery.ack(BasicAckOptions::default()).await;
+                    } else {
+                        let _ = delivery
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..Default::default()
+                            })
+                            .await;
+                    }
+                    // Do not spin on a message the AI keeps refusing.
+                    if sleep_or_stop(Duration::from_millis(200), &shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn park(
+    link: &Link,
+    route: &str,
+    data: &[u8],
+    msg_id: &str,
+    reason: &str,
+    inner: &Inner,
+) -> bool {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-breakwater-park-reason".into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    let ok = link
+        .publish(
+            "",
+            &rabbit::parked_name(route),
+            data,
+            msg_id,
+            headers,
+            inner.settings.confirm_timeout,
+        )
+        .await
+        .is_ok();
+    if ok {
+        metrics::counter!(telemetry::DLQ_MESSAGES, "route" => route.to_string(), "result" => "parked").increment(1);
+        tracing::error!(route, msg_id, reason, "DLQ message parked");
+    }
+    ok
+}

@@ -1,0 +1,237 @@
+//! The `breakwater` binary: CLI -> config::load -> app::run. The only place that exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use breakwater::app::{self, Listeners};
+use breakwater::config::Config;
+
+/// mimalloc: per-thread free lists that take frees from other threads without a lock
+/// (the decision log's writer frees what request tasks allocate), no heap trimming churn.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "breakwater",
+    version,
+    about = "Resilience sidecar between Magento and AI services"
+)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(
+        long,
+        global = true,
+        env = "BREAKWATER_CONFIG",
+        default_value = "config/breakwater.toml"
+    )]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config; print every error with its key path; exit 1 if any.
+    Check,
+    /// Decision log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Local DLQ spool tools.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain across files (rotated files included).
+    Verify { paths: Vec<PathBuf> },
+    /// Print the records of one request.
+    Find {
+        #[arg(long)]
+        request_id: String,
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// List what a spool directory holds.
+    Inspect { dir: PathBuf },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Some(Command::Check) => check(&cli.config),
+        Some(Command::Audit { command }) => report(audit(command)),
+        Some(Command::Spool { command }) => report(spool(command)),
+        None => report(run(cli.config)),
+    }
+}
+
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("breakwater: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(cfg) => {
+            eprintln!(
+                "{}: ok ({} routes, {} upstreams, hash {})",
+                path.display(),
+                cfg.routes.len(),
+                cfg.upstreams.len(),
+                &cfg.hash[..12]
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.errors {
+                eprintln!("{}: {}", path.display(), e);
+            }
+            eprintln!("{} error(s)", errors.errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&path).map_err(|errors| {
+        for e in &errors.errors {
+            tracing::error!(path = %e.path, "{}", e.message);
+        }
+        anyhow::anyhow!(
+            "{} config error(s) in {}",
+            errors.errors.len(),
+            path.display()
+        )
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        let listeners = Listeners::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signal.cancel();
+        });
+        app::run(path, config, listeners, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match command {
+        AuditCommand::Verify { paths } | AuditCommand::Find { paths, .. } if paths.is_empty() => {
+            anyhow::bail!("give at least one decision log file or directory")
+        }
+        AuditCommand::Verify { paths } => match breakwater::audit::verify_paths(&paths) {
+            Ok(report) => {
+                writeln!(
+                    out,
+                    "ok: {} records in {} file(s), seq {}..{}, last hash {}",
+                    report.records,
+                    report.files,
+                    report
+                        .first_seq
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    report
+                        .last_seq
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    report.last_hash.as_deref().unwrap_or("-")
+                )?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                writeln!(out, "BROKEN: {e}")?;
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        AuditCommand::Find { request_id, paths } => {
+            let records = breakwater::audit::find_request(&paths, &request_id)?;
+            for r in &records {
+                writeln!(out, "{r}")?;
+            }
+            Ok(if records.is_empty() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+fn spool(command: SpoolCommand) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    match command {
+        SpoolCommand::Inspect { dir } => {
+            let report = breakwater::dlq::spool::inspect(&dir)
+                .with_context(|| format!("cannot read the spool in {}", dir.display()))?;
+            std::io::stdout()
+                .lock()
+                .write_all(report.table().as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The innermost service: one call to one upstream. Turns 5xx and 429 into errors so every
+//! layer above sees failures the same way, and reads the model version the AI reports.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::StatusCode;
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use hyper::body::Incoming;
+
+use super::client::Upstream;
+use super::error::{ErrorKind, ProxyError};
+use super::headers::strip_hop_by_hop;
+use super::types::{full_body, BoxError, ProxyBody, ProxyRequest, ProxyResponse};
+use crate::config::RouteConfig;
+
+/// Calls `upstream` for a route. Cheap to clone (one `Arc`): cloning the pooled client per
+/// request showed up in profiles.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    inner: Arc<ForwardInner>,
+}
+
+#[derive(Debug)]
+struct ForwardInner {
+    upstream: Upstream,
+    route: Arc<RouteConfig>,
+    variant: Option<Arc<str>>,
+    /// Read the whole body (up to this many bytes) when a layer needs it.
+    buffer_limit: Option<u64>,
+}
+
+impl Forward {
+    pub fn new(
+        upstream: Upstream,
+        route: Arc<RouteConfig>,
+        variant: Option<Arc<str>>,
+        buffer_limit: Option<u64>,
+    ) -> Self {
+        Forward {
+            inner: Arc::new(ForwardInner {
+                upstream,
+                route,
+                variant,
+                buffer_limit,
+            }),
+        }
+    }
+}
+
+impl tower::Service<ProxyRequest> for Forward {
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+        let this = self.inner.clone();
+        Box::pin(async move { this.forward(req).await })
+    }
+}
+
+impl ForwardInner {
+    async fn forward(self: Arc<Self>, req: ProxyRequest) -> Result<ProxyResponse, ProxyError> {
+        req.meta.add_attempt();
+        let fail = |kind: ErrorKind, latency: Option<Duration>| {
+            let mut e = ProxyError::from(kind).with_upstream(&self.upstream.name);
+            e.variant = self.variant.clone();
+            e.upstream_latency = latency;
+            e
+        };
+        let (resp, latency) = self
+            .upstream
+            .send(&req.http)
+            .await
+            .map_err(|k| fail(k, None))?;
+        let status = resp.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let mut e = fail(
+                ErrorKind::Status {
+                    status,
+                    retry_after,
+                },
+                Some(latency),
+            );
+            e.model_version = self
+                .route
+                .model_version_header
+                .as_ref()
+                .and_then(|h| resp.headers().get(h))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            return Err(e);
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let mut model_version = self
+            .route
+            .model_version_header
+            .as_ref()
+            .and_then(|h| parts.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+
+        let (body, body_bytes) = match self.buffer_limit {
+            Some(limit) => match collect_bounded(body, limit).await {
+                Ok(Collected::Whole(bytes)) => (full_body(bytes.clone()), Some(bytes)),
+                Ok(Collected::TooBig(body)) => (body, None),
+                Err(e) => {
+                    return Err(fail(
+                        ErrorKind::Transport {
+                            message: format!("reading the upstream body failed: {e}"),
+                            sent: true,
+                        },
+                        Some(latency),
+                    ))
+                }
+            },
+            None => (body.map_err(BoxError::from).boxed(), None),
+        };
+        if model_version.is_none() {
+            if let (Some(ptr), Some(bytes)) = (&self.route.model_version_pointer, &body_bytes) {
+                model_version = model_version_from_json(bytes, ptr);
+            }
+        }
+        let mut out = ProxyResponse::ai(
+            http::Response::from_parts(parts, body),
+            self.upstream.name.clone(),
+        );
+        out.variant = self.variant.clone();
+        out.model_version = model_version;
+        out.upstream_latency = Some(latency);
+        out.body_bytes = body_bytes;
+        Ok(out)
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v.trim()).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+fn model_version_from_json(body: &[u8], pointer: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    match value.pointer(pointer)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+pub enum Collected {
+    Whole(Bytes),
+    /// Over the limit: a body that replays what was read, then streams the rest.
+    TooBig(ProxyBody),
+}
+
+/// Reads a body up to `limit` bytes without ever holding more than that in memory.
+pub async fn collect_bounded(mut body: Incoming, limit: u64) -> Result<Collected, hyper::Error> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut size = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Ok(data) = frame.into_data() {
+            size += data.len() as u64;
+            chunks.push(data);
+            if size > limit {
+                let prefix = futures_util::stream::iter(
+                    chunks
+                        .into_iter()
+                        .map(|b| Ok::<_, BoxError>(Frame::data(b))),
+                );
+                let rest = BodyStream::new(body.map_err(BoxError::from));
+                return Ok(Collected::TooBig(BodyExt::boxed(StreamBody::new(
+                    prefix.chain(rest),
+                ))));
+            }
+        }
+    }
+    let bytes = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = Vec::with_capacity(size as usize);
+            for c in &chunks {
+                all.extend_from_slice(c);
+            }
+            Bytes::from(all)
+        }
+    };
+    Ok(Collected::Whole(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn model_version_pointer() {
+        let body = br#"{"model":{"version":"rec-v8"},"n":7}"#;
+        assert_eq!(
+            model_version_from_json(body, "/model/version").as_deref(),
+            Some("rec-v8")
+        );
+        assert_eq!(model_version_from_json(body, "/n").as_deref(), Some("7"));
+        assert_eq!(model_version_from_json(body, "/missing"), None);
+        assert_eq!(model_version_from_json(b"not json", "/model"), None);
+    }
+}

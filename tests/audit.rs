@@ -1,0 +1,556 @@
+//! Decision log, end to end: real requests through breakwater, records on disk, the
+//! `breakwater audit verify` CLI against edited, truncated and rotated logs, and a
+//! kill -9 in the middle of a burst.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::*;
+
+const KEY_A: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+const KEY_B: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+fn audit_section(dir: &Path, key: &str, extra: &str) -> String {
+    let key_file = dir.join(format!("key-{}", &key[..4]));
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    format!(
+        "[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\nredact_headers = [\"authorization\", \"cookie\"]\n{extra}\n",
+        dir.join("decisions.jsonl").display(),
+        key_file.display()
+    )
+}
+
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort_by_key(|p| {
+        (
+            !p.file_stem().unwrap().to_str().unwrap().contains('-'),
+            p.clone(),
+        )
+    });
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn decisions(dir: &Path) -> Vec<serde_json::Value> {
+    records(dir)
+        .into_iter()
+        .filter(|r| r.get("request_id").is_some())
+        .collect()
+}
+
+/// Waits until the log holds `n` decision records (the writer fsyncs in groups).
+async fn wait_for(dir: &Path, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..300 {
+        let d = decisions(dir);
+        if d.len() >= n {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "only {} of {n} decision records appeared",
+        decisions(dir).len()
+    );
+}
+
+fn verify(paths: &[&Path]) -> (bool, String) {
+    let out = Command::new(breakwater_bin())
+        .args(["audit", "verify"])
+        .args(paths)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn every_request_gets_exactly_one_record_with_its_outcome() {
+    let ai = MockAi::start().await;
+    ai.set_model_version("rec-v8");
+    let dir = tempfile::tempdir().unwrap();
+    let route = "[[routes.fallback]]\nkind = \"static\"\nbody = '{}'\n";
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        route,
+        &audit_section(dir.path(), KEY_A, ""),
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            proxy
+                .post("/v1/grading", r#"{"essay":1}"#)
+                .await
+                .header("x-request-id")
+                .unwrap()
+                .to_string(),
+        );
+    }
+    ai.set_error_rate(1.0, 503);
+    for _ in 0..3 {
+        let r = proxy.get("/v1/grading").await;
+        assert_eq!(r.outcome(), "fallback");
+        ids.push(r.header("x-request-id").unwrap().to_string());
+    }
+    let recs = wait_for(dir.path(), 8).await;
+    assert_eq!(recs.len(), 8, "one record per request");
+    for (rec, id) in recs.iter().zip(&ids) {
+        assert_eq!(rec["request_id"], id.as_str());
+        assert_eq!(rec["route"], "ai");
+        assert_eq!(rec["upstream"], "ai");
+        assert_eq!(rec["model_version"], "rec-v8");
+        assert_eq!(rec["key_id"].as_str().unwrap().len(), 16);
+        assert_eq!(rec["schema_v"], 1);
+        assert!(rec["event_id"].as_str().unwrap().len() == 36);
+        assert!(rec["latency_us"].as_u64().is_some());
+        assert!(rec["ts_end"].as_str().unwrap() >= rec["ts_start"].as_str().unwrap());
+        assert_eq!(rec["output_digest"].as_str().unwrap().len(), 64);
+    }
+    assert_eq!(recs[0]["outcome"], "ai");
+    assert_eq!(recs[0]["status"], 200);
+    assert_eq!(recs[0]["method"], "POST");
+    assert_eq!(recs[0]["attempts"], 1);
+    assert_eq!(recs[7]["outcome"], "fallback");
+    assert_eq!(recs[7]["fallback"], "static");
+    assert_eq!(recs[7]["reason"], "upstream_5xx");
+    // The chain holds, and find returns the request's record.
+    assert!(verify(&[dir.path()]).0);
+    let out = Command::new(breakwater_bin())
+        .args(["audit", "find", "--request-id", &ids[2]])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(found.lines().count(), 1);
+    assert!(found.contains(&ids[2]));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn digests_are_keyed_and_redacted_headers_never_reach_the_file() {
+    let ai = MockAi::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pa = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(da.path(), KEY_A, ""),
+    ))
+    .await;
+    let pb = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(db.path(), KEY_B, ""),
+    ))
+    .await;
+    let body = r#"{"student":"s-1042","answer":"photosynthesis"}"#;
+    for p in [&pa, &pb] {
+        let req = http::Request::post(p.url("/v1/grading"))
+            .header("authorization", "Bearer SECRET-TOKEN-123")
+            .header("cookie", "PHPSESSID=SECRET-COOKIE-456")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        assert_eq!(p.send(req).await.status, 200);
+        // Same input twice under the same key: same digest.
+        p.post("/v1/grading", body).await;
+    }
+    let (ra, rb) = (wait_for(da.path(), 2).await, wait_for(db.path(), 2).await);
+    assert_eq!(ra[0]["input_digest"], ra[1]["input_digest"]);
+    assert_ne!(
+        ra[0]["input_digest"], rb[0]["input_digest"],
+        "digests are not keyed"
+    );
+    assert_ne!(ra[0]["key_id"], rb[0]["key_id"]);
+    for dir in [da.path(), db.path()] {
+        let bytes = std::fs::read(dir.join("decisions.jsonl")).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in [
+            "SECRET-TOKEN-123",
+            "SECRET-COOKIE-456",
+            "photosynthesis",
+            "s-1042",
+        ] {
+            assert!(
+                !text.contains(secret),
+                "{secret} was written to the decision log"
+            );
+        }
+    }
+    pa.stop().await;
+    pb.stop().await;
+}
+
+/// A clean log of `n` records in a fresh directory.
+async fn make_log(n: usize, extra: &str) -> (tempfile::TempDir, MockAi) {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(dir.path(), KEY_A, extra),
+    ))
+    .await;
+    for i in 0..n {
+        proxy.get(&format!("/v1/recommendations?i={i}")).await;
+    }
+    wait_for(dir.path(), n).await;
+    proxy.stop().await;
+    (dir, ai)
+}
+
+fn rewrite_lines(path: &Path, f: impl FnOnce(&mut Vec<String>)) {
+    let mut lines: Vec<String> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    f(&mut lines);
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test]
+async fn verify_catches_an_edit_a_deletion_and_a_swap_at_the_exact_record() {
+    let (dir, _ai) = make_log(10, "").await;
+    let log = dir.path().join("decisions.jsonl");
+    let (ok, out) = verify(&[&log]);
+    assert!(ok, "{out}");
+    assert!(out.contains("10 records"), "{out}");
+
+    let edited = dir.path().join("edited.jsonl");
+    std::fs::copy(&log, &edited).unwrap();
+    rewrite_lines(&edited, |l| {
+        l[4] = l[4].replacen("\"status\":200", "\"status\":201", 1)
+    });
+    let (ok, out) = verify(&[&edited]);
+    assert!(!ok);
+    assert!(out.contains(":5:") && out.contains("Tampered"), "{out}");
+
+    let deleted = dir.path().join("deleted.jsonl");
+    std::fs::copy(&log, &deleted).unwrap();
+    rewrite_lines(&deleted, |l| {
+        l.remove(6);
+    });
+    let (ok, out) = verify(&[&deleted]);
+    assert!(!ok);
+    assert!(out.contains(":7:") && out.contains("Missing"), "{out}");
+
+    let swapped = dir.path().join("swapped.jsonl");
+    std::fs::copy(&log, &swapped).unwrap();
+    rewrite_lines(&swapped, |l| l.swap(2, 3));
+    let (ok, out) = verify(&[&swapped]);
+    assert!(!ok);
+    assert!(
+        out.contains(":3:") && (out.contains("Missing") || out.contains("Reordered")),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_chain_across_files() {
+    let (dir, _ai) = make_log(60, "rotate_bytes = 4096\n").await;
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    assert!(
+        files.len() >= 3,
+        "no rotation happened: {} file(s)",
+        files.len()
+    );
+    let (ok, out) = verify(&[dir.path()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("60 records"), "{out}");
+    let mut rotated: Vec<_> = files
+        .iter()
+        .map(|e| e.path())
+        .filter(|p| p.file_stem().unwrap().to_str().unwrap().contains('-'))
+        .collect();
+    rotated.sort();
+    // A chain given from a later file on verifies on its own (older files expired).
+    let live = dir.path().join("decisions.jsonl");
+    let mut later: Vec<&Path> = rotated[1..].iter().map(|p| p.as_path()).collect();
+    later.push(&live);
+    assert!(verify(&later).0);
+    // Removing a middle file is caught as missing records.
+    std::fs::remove_file(&rotated[1]).unwrap();
+    let (ok, out) = verify(&[dir.path()]);
+    assert!(!ok, "a missing middle file went unnoticed");
+    assert!(out.contains("Missing"), "{out}");
+}
+
+#[tokio::test]
+async fn a_torn_last_line_is_truncated_on_restart_and_the_chain_resumes() {
+    let (dir, ai) = make_log(5, "").await;
+    let log = dir.path().join("decisions.jsonl");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(b"{\"schema_v\":1,\"event_id\":\"0191");
+    std::fs::write(&log, &bytes).unwrap();
+    assert!(!verify(&[&log]).0, "a torn line must not verify");
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(dir.path(), KEY_A, ""),
+    ))
+    .await;
+    for _ in 0..3 {
+        proxy.get("/v1/x").await;
+    }
+    wait_for(dir.path(), 8).await;
+    proxy.stop().await;
+    let (ok, out) = verify(&[&log]);
+    assert!(ok, "{out}");
+    let all = records(dir.path());
+    assert!(
+        all.iter().any(|r| r["event"] == "log_resumed"),
+        "the truncation was not recorded"
+    );
+}
+
+#[tokio::test]
+async fn config_reload_and_admin_changes_are_recorded_in_the_chain() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = simple_config(&ai.url(), "", &audit_section(dir.path(), KEY_A, ""));
+    let proxy = TestProxy::start(&cfg).await;
+    std::fs::write(
+        &proxy.config_path,
+        cfg.replace("timeout_ms = 2000", "timeout_ms = 1500"),
+    )
+    .unwrap();
+    assert_eq!(
+        proxy.admin_post("/admin/reload", "", None).await.status,
+        200
+    );
+    assert_eq!(
+        proxy
+            .admin_post("/admin/routes/ai/ai", r#"{"enabled":false}"#, None)
+            .await
+            .status,
+        200
+    );
+    proxy.stop().await;
+    let events: Vec<_> = records(dir.path())
+        .into_iter()
+        .filter(|r| r.get("event").is_some())
+        .collect();
+    let reload = events
+        .iter()
+        .find(|e| e["event"] == "config_reload")
+        .expect("no config_reload event");
+    assert_ne!(reload["config_hash_before"], reload["config_hash_after"]);
+    assert_eq!(reload["config_gen"], 2);
+    let admin = events
+        .iter()
+        .find(|e| e["event"] == "admin_change")
+        .expect("no admin_change event");
+    assert_eq!(admin["detail"]["action"], "ai_enabled");
+    assert_eq!(admin["actor"], "anonymous");
+    assert!(verify(&[dir.path()]).0);
+}
+
+#[tokio::test]
+async fn a_failing_disk_turns_readiness_off_and_requests_still_get_answers() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key"), KEY_A).unwrap();
+    // /dev/full: every write fails with ENOSPC, as a full disk does.
+    let extra = format!(
+        "[audit]\npath = \"/dev/full\"\nhmac_key_file = \"{}\"\n",
+        dir.path().join("key").display()
+    );
+    let proxy = TestProxy::start(&simple_config(&ai.url(), "", &extra)).await;
+    assert_eq!(proxy.get("/v1/x").await.status, 200);
+    let mut ready = 200;
+    for _ in 0..200 {
+        ready = proxy.admin_get("/readyz").await.unwrap().status;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        ready, 503,
+        "readiness stayed on while the log could not write"
+    );
+    assert!(proxy
+        .metrics()
+        .await
+        .contains("breakwater_audit_write_errors_total"));
+    assert_eq!(proxy.get("/v1/x").await.status, 200);
+}
+
+#[tokio::test]
+async fn kill_9_mid_burst_leaves_a_log_that_verifies_after_restart() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bw = ProcessProxy::new(
+        dir.path(),
+        &simple_config(&ai.url(), "", &audit_section(dir.path(), KEY_A, "")),
+    );
+    let mut child = bw.spawn().await;
+    // A bounded burst from 8 clients; kill -9 while it runs.
+    let url = bw.url("/v1/recommendations");
+    let mut burst = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        burst.push(tokio::spawn(async move {
+            let client = http_client();
+            for _ in 0..2000 {
+                if client
+                    .request(
+                        http::Request::get(url.as_str())
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
+                    )
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for b in burst {
+        b.await.unwrap();
+    }
+    let before = decisions(dir.path()).len();
+    assert!(before > 0, "nothing was logged before the kill");
+
+    let child = bw.spawn().await;
+    for _ in 0..5 {
+        http_client()
+            .request(
+                http::Request::get(url.as_str())
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // SIGTERM: graceful, flushes the log.
+    terminate(child);
+    let (ok, out) = verify(&[dir.path()]);
+    assert!(ok, "{out}");
+    assert!(decisions(dir.path()).len() >= before + 5);
+}
+
+#[tokio::test]
+async fn written_lines_are_copied_to_rabbitmq_in_order() {
+    if !rabbit::available().await {
+        return;
+    }
+    use lapin::options::*;
+    let (_conn, ch) = rabbit::channel().await;
+    let name = rabbit::unique_route("audit_copy");
+    let exchange = format!("test.audit.{name}");
+    // A collector's queue, bound before anything is published.
+    let queue = format!("test.audit.{name}");
+    rabbit::bound_queue(&ch, &exchange, &queue, "audit.#").await;
+
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let publish = format!(
+        "publish_url = \"{}\"\npublish_exchange = \"{exchange}\"\n",
+        rabbit::URL
+    );
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(dir.path(), KEY_A, &publish),
+    ))
+    .await;
+    for i in 0..20 {
+        proxy
+            .post("/v1/grading", format!("{{\"essay\":{i}}}"))
+            .await;
+    }
+    wait_for(dir.path(), 20).await;
+    let file = std::fs::read_to_string(dir.path().join("decisions.jsonl")).unwrap();
+    let lines: Vec<&str> = file.lines().collect();
+    assert!(lines.len() >= 20);
+
+    let mut copies = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while copies.len() < lines.len() && tokio::time::Instant::now() < deadline {
+        for m in rabbit::drain(&ch, &queue).await {
+            assert_eq!(m.delivery.routing_key.as_str(), "audit.record");
+            assert_eq!(
+                m.delivery.properties.delivery_mode(),
+                &Some(2),
+                "persistent"
+            );
+            copies.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The same bytes as the file, in the file's order: a collector can verify the chain.
+    assert_eq!(copies, lines);
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("breakwater_audit_published_total")),
+        "{metrics}"
+    );
+    proxy.stop().await;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_never_holds_the_log_and_counts_what_it_missed() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1; the copies' buffer holds two lines.
+    let publish =
+        "publish_url = \"amqp://guest:guest@127.0.0.1:1/%2f\"\npublish_buffer = 2\n".to_string();
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(dir.path(), KEY_A, &publish),
+    ))
+    .await;
+    for _ in 0..10 {
+        assert_eq!(proxy.get("/v1/recommendations").await.status, 200);
+    }
+    assert_eq!(wait_for(dir.path(), 10).await.len(), 10);
+    let metrics = proxy.metrics().await;
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("breakwater_audit_publish_dropped_total "))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dropped >= 8.0, "{dropped}");
+    proxy.stop().await;
+}

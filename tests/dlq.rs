@@ -1,0 +1,533 @@
+//! Dead-letter queue against a real RabbitMQ on 127.0.0.1:5672 (started by .ci/run), a
+//! real mock AI and breakwater in front of it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use support::rabbit::{self, available};
+use support::*;
+
+/// Tests here stop and start the broker: run them one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const STATIC_FB: &str =
+    "[[routes.fallback]]\nkind = \"static\"\nstatus = 202\nbody = '{\"status\":\"queued\"}'\n";
+
+/// A replayable route named `route`; the breaker trips on the first failure and stays
+/// open (no replay) until the test resets it.
+fn dlq_config(
+    ai: &MockAi,
+    route: &str,
+    dir: &std::path::Path,
+    amqp: bool,
+    extra_dlq: &str,
+) -> String {
+    let route_extra = format!("replayable = true\n[routes.breaker]\nconsecutive_failures = 1\nopen_ms = 600000\nopen_max_ms = 600000\n{STATIC_FB}");
+    let amqp_line = if amqp {
+        format!("amqp_url = \"{}\"\n", rabbit::URL)
+    } else {
+        String::new()
+    };
+    let dlq = format!(
+        "[dlq]\n{amqp_line}spool_dir = \"{}\"\nresults_exchange = \"test.results.{route}\"\nreplay_rate_per_s = 200\nmax_replay_attempts = 2\n{extra_dlq}\n",
+        dir.join("spool").display()
+    );
+    simple_config(&ai.url(), &route_extra, &dlq)
+        .replace("name = \"ai\"", &format!("name = \"{route}\""))
+}
+
+async fn post(proxy: &TestProxy, body: &str) -> Reply {
+    let req = http::Request::post(proxy.url("/v1/grading"))
+        .header("x-student-id", "s-42")
+        .header("authorization", "Bearer magento-secret")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    proxy.send(req).await
+}
+
+#[tokio::test]
+async fn failed_replayable_requests_reach_the_quorum_queue_with_body_and_headers() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    let (conn, ch) = rabbit::channel().await;
+    let mut bodies = HashSet::new();
+    for i in 0..5 {
+        let body = format!("{{\"essay\":{i}}}");
+        let r = post(&proxy, &body).await;
+        assert_eq!(r.status, 202);
+        assert_eq!(r.outcome(), "fallback");
+        assert!(
+            matches!(
+                r.header("x-breakwater-dlq"),
+                Some("queued") | Some("spooled")
+            ),
+            "{:?}",
+            r.headers
+        );
+        bodies.insert(body);
+    }
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 5, Duration::from_secs(10)).await,
+        5
+    );
+    let msgs = rabbit::drain(&ch, &queue).await;
+    assert_eq!(msgs.len(), 5);
+    for m in msgs {
+        let env: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        let body = String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(env["body_b64"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(bodies.contains(&body), "{body}");
+        assert_eq!(env["route"], route.as_str());
+        assert_eq!(env["method"], "POST");
+        assert_eq!(env["path"], "/v1/grading");
+        let headers: HashMap<String, String> = serde_json::from_value(serde_json::Value::Object(
+            env["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_str().unwrap().to_string(), p[1].clone()))
+                .collect(),
+        ))
+        .unwrap();
+        assert_eq!(headers["x-student-id"], "s-42");
+        assert!(
+            !headers.contains_key("authorization"),
+            "a redacted header was stored"
+        );
+        assert_eq!(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+            env["msg_id"].as_str().map(str::to_string)
+        );
+        assert_eq!(m.delivery.properties.delivery_mode(), &Some(2));
+    }
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[tokio::test]
+async fn replay_after_recovery_delivers_each_once_and_publishes_the_result() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.set_error_rate(1.0, 503);
+    ai.set_model_version("grader-v3");
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let (conn, ch) = rabbit::channel().await;
+    let results = rabbit::results_queue(&ch, &format!("test.results.{route}"), &route).await;
+    let key = dir.path().join("audit.key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    let audit = format!(
+        "[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\n",
+        dir.path().join("audit/decisions.jsonl").display(),
+        key.display()
+    );
+    let cfg = dlq_config(&ai, &route, dir.path(), true, "") + &audit;
+    let proxy = TestProxy::start(&cfg).await;
+    let mut request_ids = HashSet::new();
+    for i in 0..10 {
+        let r = post(&proxy, &format!("{{\"essay\":{i}}}")).await;
+        assert!(r.header("x-breakwater-dlq").is_some());
+        request_ids.insert(r.header("x-request-id").unwrap().to_string());
+    }
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 10, Duration::from_secs(10)).await,
+        10
+    );
+    let calls_while_down = ai.requests();
+    // The AI recovers; the operator (or half-open probes) closes the breaker.
+    ai.recover();
+    assert_eq!(
+        proxy
+            .admin_post(
+                &format!("/admin/routes/{route}/breaker"),
+                r#"{"state":"auto"}"#,
+                None
+            )
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        rabbit::wait_depth(&conn, &results, 10, Duration::from_secs(20)).await,
+        10
+    );
+    let by_key = ai.count_by_header("idempotency-key");
+    assert_eq!(by_key.len(), 10, "{by_key:?}");
+    assert!(
+        by_key.values().all(|n| *n == 1),
+        "a message was replayed twice: {by_key:?}"
+    );
+    assert_eq!(ai.requests(), calls_while_down + 10);
+    let got: HashSet<String> = rabbit::drain(&ch, &results)
+        .await
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            assert_eq!(v["status"], 200);
+            assert_eq!(v["model_version"], "grader-v3");
+            v["request_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(got, request_ids);
+    assert_eq!(rabbit::depth(&conn, &queue).await, 0);
+    proxy.stop().await;
+    // Every replay is in the decision log, tied to the original request.
+    let log = std::fs::read_to_string(dir.path().join("audit/decisions.jsonl")).unwrap();
+    let replayed = log
+        .lines()
+        .filter(|l| l.contains("\"outcome\":\"replayed\""))
+        .count();
+    assert_eq!(replayed, 10);
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_stopped_during_a_burst_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("fraud");
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    // Make sure the publisher is connected first, then take the broker away.
+    post(&proxy, "{\"warmup\":true}").await;
+    let (conn, ch) = rabbit::channel().await;
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
+        1
+    );
+    drop((conn, ch));
+    rabbit::rabbitmqctl(&["stop_app"]);
+    let mut ids = HashSet::from(["warmup".to_string()]);
+    let mut outcomes = HashMap::new();
+    for i in 0..20 {
+        let r = post(&proxy, &format!("{{\"payment\":{i}}}")).await;
+        assert_eq!(r.status, 202, "the client must still get its fallback");
+        *outcomes
+            .entry(r.header("x-breakwater-dlq").unwrap_or("none").to_string())
+            .or_insert(0) += 1;
+        ids.insert(r.header("x-request-id").unwrap().to_string());
+    }
+    rabbit::rabbitmqctl(&["start_app"]);
+    rabbit::rabbitmqctl(&["await_startup"]);
+    assert_eq!(outcomes.get("spooled"), Some(&20), "{outcomes:?}");
+    let (conn, ch) = rabbit::channel().await;
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 21, Duration::from_secs(30)).await,
+        21
+    );
+    let got: HashSet<String> = rabbit::drain(&ch, &queue)
+        .await
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    ids.remove("warmup");
+    assert!(
+        ids.is_subset(&got),
+        "lost: {:?}",
+        ids.difference(&got).collect::<Vec<_>>()
+    );
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[tokio::test]
+async fn poison_messages_are_parked_after_the_configured_attempts() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.set_error_rate(1.0, 500);
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    // Breaker forced closed: the worker replays, the AI keeps failing this message.
+    assert_eq!(
+        proxy
+            .admin_post(
+                &format!("/admin/routes/{route}/breaker"),
+                r#"{"state":"forced_closed"}"#,
+                None
+            )
+            .await
+            .status,
+        200
+    );
+    let r = post(&proxy, "{\"essay\":\"poison\"}").await;
+    assert!(r.header("x-breakwater-dlq").is_some());
+    let (conn, ch) = rabbit::channel().await;
+    let parked = format!("breakwater.dlq.{route}.parked");
+    let parked_depth = rabbit::wait_depth(&conn, &parked, 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        parked_depth,
+        1,
+        "replays seen: {:?}, queue depth {}",
+        ai.count_by_header("idempotency-key"),
+        rabbit::depth(&conn, &format!("breakwater.dlq.{route}")).await
+    );
+    assert_eq!(
+        rabbit::depth(&conn, &format!("breakwater.dlq.{route}")).await,
+        0
+    );
+    let m = rabbit::drain(&ch, &parked).await.pop().unwrap();
+    let reason = match m
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .unwrap()
+        .inner()
+        .get("x-breakwater-park-reason")
+    {
+        Some(lapin::types::AMQPValue::LongString(s)) => {
+            String::from_utf8_lossy(s.as_bytes()).to_string()
+        }
+        other => panic!("no park reason: {other:?}"),
+    };
+    assert!(
+        reason.contains("500") && reason.contains("after 2 attempt"),
+        "{reason}"
+    );
+    // One original call plus exactly max_replay_attempts replays.
+    let replays: u64 = ai.count_by_header("idempotency-key").values().sum();
+    assert_eq!(replays, 2);
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[tokio::test]
+async fn spool_only_mode_keeps_messages_reports_a_corrupt_record_and_replays_the_rest() {
+    let _serial = SERIAL.lock().await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), false, "");
+    let proxy = TestProxy::start(&cfg).await;
+    for i in 0..3 {
+        let r = post(
+            &proxy,
+            &format!("{{\"essay\":\"{i}{i}{i}{i}{i}{i}{i}{i}\"}}"),
+        )
+        .await;
+        assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    }
+    proxy.stop().await;
+    // Corrupt the second record's payload.
+    let spool = dir.path().join("spool");
+    let seg = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
+        })
+        .unwrap();
+    let mut data = std::fs::read(&seg).unwrap();
+    let first_len = u32::from_le_bytes(data[0..4].try_into().unwrap()) as usize;
+    let second_payload = 24 + first_len + 24 + 10;
+    data[second_payload] ^= 0x55;
+    std::fs::write(&seg, &data).unwrap();
+    let out = std::process::Command::new(breakwater_bin())
+        .args(["spool", "inspect"])
+        .arg(&spool)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("2 pending") && text.contains("1 corrupt"),
+        "{text}"
+    );
+    assert!(text.contains(&route), "{text}");
+
+    // Restart with the AI back: the two good messages are replayed from the spool.
+    ai.outage(false).await;
+    let dir_path = dir.path().to_path_buf();
+    let config_path = dir_path.join("restart.toml");
+    std::fs::write(&config_path, &cfg).unwrap();
+    let proxy = TestProxy::start_at(tempfile::tempdir().unwrap(), config_path).await;
+    for _ in 0..200 {
+        if ai.count_by_header("idempotency-key").len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let by_key = ai.count_by_header("idempotency-key");
+    assert_eq!(by_key.len(), 2, "{by_key:?}");
+    assert!(proxy.metrics().await.contains("result=\"corrupt\""));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_spool_rejects_new_messages_cleanly() {
+    let _serial = SERIAL.lock().await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(
+        &ai,
+        &route,
+        dir.path(),
+        false,
+        "spool_max_bytes = 1048576\n",
+    )
+    .replace(
+        "watch_config = true\n",
+        "watch_config = true\nmax_body_bytes = 400000\n",
+    );
+    let proxy = TestProxy::start(&cfg).await;
+    let big = format!("{{\"essay\":\"{}\"}}", "x".repeat(200_000));
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        let r = post(&proxy, &big).await;
+        assert_eq!(r.status, 202, "the client still gets the fallback");
+        outcomes.push(r.header("x-breakwater-dlq").unwrap().to_string());
+    }
+    // ~267 KB per message (base64 + envelope): three fit in 1 MiB.
+    assert_eq!(
+        &outcomes[..3],
+        &["spooled", "spooled", "spooled"],
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes[3..].iter().all(|o| o == "rejected"),
+        "{outcomes:?}"
+    );
+    let m = proxy.metrics().await;
+    assert!(
+        m.contains(&format!(
+            "breakwater_dlq_messages_total{{route=\"{route}\",result=\"rejected\"}} 3"
+        )),
+        "{m}"
+    );
+    // What was accepted is still there.
+    let report = breakwater::dlq::spool::inspect(&dir.path().join("spool")).unwrap();
+    assert_eq!(report.pending, 3);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_burst_then_restart_delivers_every_acknowledged_message() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("fraud");
+    let bw = ProcessProxy::new(dir.path(), &dlq_config(&ai, &route, dir.path(), true, ""));
+    let mut child = bw.spawn().await;
+    let url = bw.url("/v1/grading");
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let mut burst = Vec::new();
+    for w in 0..4 {
+        let (url, acked) = (url.clone(), acked.clone());
+        burst.push(tokio::spawn(async move {
+            let client = http_client();
+            for i in 0..500 {
+                let req = http::Request::post(url.as_str())
+                    .body(Full::new(Bytes::from(format!("{{\"w\":{w},\"i\":{i}}}"))))
+                    .unwrap();
+                let Ok(resp) = client.request(req).await else {
+                    break;
+                };
+                let dlq = resp
+                    .headers()
+                    .get("x-breakwater-dlq")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if dlq == "queued" || dlq == "spooled" {
+                    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+                    acked.lock().unwrap().insert(id);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for b in burst {
+        b.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 10,
+        "only {} requests were acknowledged before the kill",
+        acked.len()
+    );
+
+    let child = bw.spawn().await;
+    let (conn, ch) = rabbit::channel().await;
+    let queue = format!("breakwater.dlq.{route}");
+    let mut seen: HashMap<String, HashSet<String>> = HashMap::new();
+    for _ in 0..100 {
+        for m in rabbit::drain(&ch, &queue).await {
+            let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            seen.entry(v["request_id"].as_str().unwrap().to_string())
+                .or_default()
+                .insert(v["msg_id"].as_str().unwrap().to_string());
+        }
+        if acked.iter().all(|id| seen.contains_key(id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = conn;
+    terminate(child);
+    let missing: Vec<_> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged message(s) lost, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    // At-least-once: a duplicate is only ever the same message (same id) again.
+    assert!(
+        seen.values().all(|ids| ids.len() == 1),
+        "a request was queued under two message ids"
+    );
+    rabbit::cleanup(&ch, &route).await;
+}

@@ -1,0 +1,144 @@
+//! RabbitMQ helpers for the DLQ tests: a real broker on 127.0.0.1:5672.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+
+pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// RabbitMQ is required in CI (CI=true): a missing broker fails the test there. Locally a
+/// test skips (with a message) when no broker listens.
+pub async fn available() -> bool {
+    let up = tokio::net::TcpStream::connect("127.0.0.1:5672")
+        .await
+        .is_ok();
+    if !up {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("RabbitMQ is not reachable on 127.0.0.1:5672 and CI=true");
+        }
+        eprintln!("skipping: RabbitMQ is not running on 127.0.0.1:5672");
+    }
+    up
+}
+
+pub async fn channel() -> (Connection, Channel) {
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+/// A unique route name, so each test has its own queues.
+pub fn unique_route(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Ready messages in `queue` (0 if it does not exist yet). A fresh channel each time: a
+/// passive declare of a missing queue closes the channel it runs on.
+pub async fn depth(conn: &Connection, queue: &str) -> u32 {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return 0;
+    };
+    let d = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0);
+    let _ = ch.close(200, "done".into()).await;
+    d
+}
+
+/// Waits until `queue` holds at least `n` messages.
+pub async fn wait_depth(conn: &Connection, queue: &str, n: u32, within: Duration) -> u32 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let d = depth(conn, queue).await;
+        if d >= n || tokio::time::Instant::now() > deadline {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Takes every message now in `queue` (acking them).
+pub async fn drain(ch: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+    {
+        out.push(m);
+    }
+    out
+}
+
+/// A queue bound to a durable topic exchange (declared if missing) with `key`: what a
+/// consumer of breakwater's exchanges sets up.
+pub async fn bound_queue(ch: &Channel, exchange: &str, queue: &str, key: &str) {
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// A queue bound to the results exchange for one route's results.
+pub async fn results_queue(ch: &Channel, exchange: &str, route: &str) -> String {
+    let q = format!("test.results.{route}");
+    bound_queue(ch, exchange, &q, &format!("ai.result.{route}")).await;
+    q
+}
+
+pub async fn cleanup(ch: &Channel, route: &str) {
+    for q in [
+        format!("breakwater.dlq.{route}"),
+        format!("breakwater.dlq.{route}.parked"),
+        format!("test.results.{route}"),
+    ] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+pub fn rabbitmqctl(args: &[&str]) {
+    let ok = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "rabbitmqctl {args:?} failed");
+}
