@@ -86,6 +86,10 @@ enum Cmd {
         /// Also run breakwater with the decision log on.
         #[arg(long)]
         audit: bool,
+        /// With --audit: alternating log off/on max-throughput runs per side, compared by
+        /// median (one pair moves by several percent on a shared machine).
+        #[arg(long, default_value_t = 5)]
+        ab_rounds: usize,
         /// Write the Markdown report here too.
         #[arg(long, default_value = "loadtests/reports")]
         report_dir: PathBuf,
@@ -184,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                     connections,
                     pin,
                     audit: true,
+                    ab_rounds: 0,
                 },
                 &rates,
             ))?;
@@ -206,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             connections,
             pin,
             audit,
+            ab_rounds,
             report_dir,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -219,6 +225,7 @@ fn main() -> anyhow::Result<()> {
                 connections,
                 pin,
                 audit,
+                ab_rounds,
             }))?;
             std::fs::create_dir_all(&report_dir)?;
             let stamp = std::time::SystemTime::now()
