@@ -557,3 +557,71 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert_eq!(in_flight.await.unwrap().unwrap(), 200);
     stopping.await.unwrap();
 }
+
+/// A sidecar often gets one CPU. There the binary runs tokio's single-threaded scheduler
+/// (cheaper per request); it must still serve concurrent clients, the admin API and a
+/// graceful SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_cpu_the_binary_runs_single_threaded_and_serves_concurrent_clients() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bw = ProcessProxy::new(dir.path(), &simple_config(&ai.url(), "", ""));
+    let log = dir.path().join("breakwater.log");
+    let child = bw.spawn_on_one_cpu(&log).await;
+
+    let mut clients = Vec::new();
+    for c in 0..16 {
+        let url = bw.url(&format!("/v1/recommendations?client={c}"));
+        clients.push(tokio::spawn(async move {
+            let client = http_client();
+            let mut ok = 0;
+            for _ in 0..25 {
+                let resp = client
+                    .request(
+                        http::Request::get(url.as_str())
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let ai_answered =
+                    resp.status() == 200 && resp.headers()["x-breakwater-outcome"] == "ai";
+                resp.into_body().collect().await.unwrap();
+                ok += u32::from(ai_answered);
+            }
+            ok
+        }));
+    }
+    let mut answered = 0;
+    for c in clients {
+        answered += c.await.unwrap();
+    }
+    assert_eq!(answered, 16 * 25);
+    assert_eq!(ai.requests(), 16 * 25);
+    let health = http_client()
+        .get(
+            format!("http://127.0.0.1:{}/healthz", bw.admin)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    let pid = child.id();
+    std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let mut child = child;
+    assert!(child.wait().unwrap().success(), "SIGTERM ends it cleanly");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("tokio runtime"))
+        .unwrap_or_else(|| panic!("no runtime line in the log:\n{text}"));
+    assert!(
+        line.contains("current_thread") && line.contains("cpus=1"),
+        "{line}"
+    );
+}

@@ -272,12 +272,27 @@ impl ProcessProxy {
 
     /// Starts the binary and waits until the data port accepts connections.
     pub async fn spawn(&self) -> std::process::Child {
-        let child = std::process::Command::new(breakwater_bin())
+        let mut cmd = std::process::Command::new(breakwater_bin());
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "error");
+        self.start(cmd).await
+    }
+
+    /// Starts the binary pinned to one CPU (taskset), its log (info) into `log`.
+    pub async fn spawn_on_one_cpu(&self, log: &Path) -> std::process::Child {
+        let mut cmd = std::process::Command::new("taskset");
+        cmd.args(["-c", "0"])
+            .arg(breakwater_bin())
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", "error")
-            .spawn()
-            .unwrap();
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(log).unwrap());
+        self.start(cmd).await
+    }
+
+    async fn start(&self, mut cmd: std::process::Command) -> std::process::Child {
+        let child = cmd.spawn().unwrap();
         for _ in 0..300 {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
