@@ -247,6 +247,64 @@ pub fn duration_buckets(metrics: &str, route: &str, outcome: &str) -> (Vec<(f64,
     (buckets, total)
 }
 
+/// Sum of a counter over every label set that carries `result="<result>"`.
+pub fn counter_by_result(metrics: &str, name: &str, result: &str) -> u64 {
+    let want = format!("result=\"{result}\"");
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let (labels, value) = l.strip_prefix(name)?.strip_prefix('{')?.rsplit_once(' ')?;
+            labels.contains(&want).then(|| value.parse::<f64>().ok())?
+        })
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// The DLQ as breakwater counts it: messages accepted (spooled or queued) and messages
+/// published to RabbitMQ with a confirm.
+async fn dlq_counts(admin: SocketAddr) -> Option<(u64, u64)> {
+    let m = admin_get(admin, "/metrics").await?;
+    let m = String::from_utf8_lossy(&m);
+    let name = "breakwater_dlq_messages_total";
+    Some((
+        counter_by_result(&m, name, "queued") + counter_by_result(&m, name, "spooled"),
+        counter_by_result(&m, name, "published"),
+    ))
+}
+
+/// How fast the spool drained to RabbitMQ, from (seconds since the load started, accepted,
+/// published) samples. None when nothing went through the DLQ.
+pub fn drain_check(samples: &[(f64, u64, u64)], load_s: f64) -> Option<Check> {
+    let &(_, accepted, published) = samples.last()?;
+    if accepted == 0 {
+        return None;
+    }
+    let during = samples
+        .iter()
+        .filter(|s| s.0 <= load_s)
+        .map(|s| s.2)
+        .max()
+        .unwrap_or(0);
+    let done_at = samples.iter().find(|s| s.2 >= accepted).map(|s| s.0);
+    Some(Check {
+        name: "every accepted DLQ message published to RabbitMQ (publisher confirms)".into(),
+        ok: published >= accepted,
+        detail: format!(
+            "{accepted} accepted in {load_s:.1} s ({:.0}/s); {during} published during the load \
+             ({:.0}/s); {}",
+            accepted as f64 / load_s.max(1e-9),
+            during as f64 / load_s.max(1e-9),
+            match done_at {
+                Some(at) => format!(
+                    "all published {at:.1} s after the start (average {:.0}/s)",
+                    accepted as f64 / at.max(1e-9)
+                ),
+                None => format!("{published} published by the end"),
+            }
+        ),
+    })
+}
+
 /// The smallest bucket bound under which at least `q` of the observations fall.
 pub fn bucket_quantile(buckets: &[(f64, u64)], total: u64, q: f64) -> Option<f64> {
     if total == 0 {
@@ -425,6 +483,23 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         }));
     }
 
+    // With RabbitMQ in the scenario, how fast the spool drains to it: sampled from
+    // breakwater's counters while the load runs and afterwards.
+    let load_start = tokio::time::Instant::now();
+    let drain_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = sc.needs_rabbitmq.then(|| {
+        let stop = drain_stop.clone();
+        tokio::spawn(async move {
+            let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some((accepted, published)) = dlq_counts(admin_addr).await {
+                    samples.push((load_start.elapsed().as_secs_f64(), accepted, published));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            samples
+        })
+    });
     let target: SocketAddr = ([127, 0, 0, 1], listen).into();
     let mut runs = Vec::new();
     for st in &sc.streams {
@@ -561,6 +636,17 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
             ),
         });
     }
+    if let Some(drain) = drain {
+        // One more sample after the replay wait, then the figures.
+        drain_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut samples = drain.await.unwrap_or_default();
+        if let Some((accepted, published)) = dlq_counts(admin_addr).await {
+            samples.push((load_start.elapsed().as_secs_f64(), accepted, published));
+        }
+        if let Some(check) = drain_check(&samples, t(sc.duration_s)) {
+            checks.push(check);
+        }
+    }
     if let Some(min) = inv.min_reloads {
         let gen_after = admin_json(admin_addr, "/admin/config")
             .await
@@ -695,6 +781,41 @@ breakwater_request_duration_seconds_bucket{route="rec",outcome="ai",le="0.0001"}
 breakwater_request_duration_seconds_count{route="rec",outcome="ai"} 7
 breakwater_request_duration_seconds_count{route="recommend",outcome="fallback"} 3
 "#;
+
+    #[test]
+    fn dlq_drain_figures_come_from_the_counters() {
+        let m = "breakwater_dlq_messages_total{route=\"g\",result=\"spooled\"} 50\n\
+                 breakwater_dlq_messages_total{route=\"g\",result=\"queued\"} 10\n\
+                 breakwater_dlq_messages_total{route=\"h\",result=\"spooled\"} 5\n\
+                 breakwater_dlq_messages_total{route=\"g\",result=\"published\"} 40\n";
+        let name = "breakwater_dlq_messages_total";
+        assert_eq!(counter_by_result(m, name, "spooled"), 55);
+        assert_eq!(counter_by_result(m, name, "published"), 40);
+        assert_eq!(counter_by_result(m, name, "rejected"), 0);
+
+        let samples = [
+            (1.0, 100, 50),
+            (2.0, 200, 150),
+            (3.0, 200, 190),
+            (4.0, 200, 200),
+        ];
+        let c = drain_check(&samples, 2.0).unwrap();
+        assert!(c.ok, "{}", c.detail);
+        assert!(
+            c.detail.contains("150 published during the load (75/s)"),
+            "{}",
+            c.detail
+        );
+        assert!(
+            c.detail
+                .contains("all published 4.0 s after the start (average 50/s)"),
+            "{}",
+            c.detail
+        );
+        let short = drain_check(&samples[..3], 2.0).unwrap();
+        assert!(!short.ok);
+        assert!(drain_check(&[(1.0, 0, 0)], 2.0).is_none());
+    }
 
     #[test]
     fn reads_one_route_and_outcome_from_the_prometheus_text() {
