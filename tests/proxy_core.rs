@@ -540,11 +540,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move {
         http_client()
-            .request(
-                http::Request::get(url)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
+            .get(url.parse().unwrap())
             .await
             .map(|r| r.status())
     });
@@ -576,14 +572,7 @@ async fn on_one_cpu_the_binary_runs_single_threaded_and_serves_concurrent_client
             let client = http_client();
             let mut ok = 0;
             for _ in 0..25 {
-                let resp = client
-                    .request(
-                        http::Request::get(url.as_str())
-                            .body(Full::new(Bytes::new()))
-                            .unwrap(),
-                    )
-                    .await
-                    .unwrap();
+                let resp = client.get(url.parse().unwrap()).await.unwrap();
                 let ai_answered =
                     resp.status() == 200 && resp.headers()["x-breakwater-outcome"] == "ai";
                 resp.into_body().collect().await.unwrap();
