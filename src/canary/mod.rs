@@ -555,16 +555,24 @@ where
         let inventory = self.inventory.clone();
         let events = self.events.clone();
         Box::pin(async move {
+            let meta = req.meta.clone();
             let result = svc.call(req).await;
             let latency = now.elapsed();
             if let Some(outcome) = outcome_of(&result) {
                 let failed = outcome.is_failure();
                 canary.record(which, latency, failed, Instant::now(), &events);
-                let (version, variant) = match &result {
-                    Ok(r) => (r.model_version.as_deref(), r.variant.as_deref()),
-                    Err(e) => (e.model_version.as_deref(), e.variant.as_deref()),
+                let (version, variant) = {
+                    let f = meta.facts();
+                    (f.model_version.clone(), f.variant.clone())
                 };
-                inventory.record(&canary.route, &upstream, variant, version, latency, failed);
+                inventory.record(
+                    &canary.route,
+                    &upstream,
+                    variant.as_deref(),
+                    version.as_deref(),
+                    latency,
+                    failed,
+                );
             }
             result
         })

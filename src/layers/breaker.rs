@@ -188,8 +188,9 @@ where
         let permit = match self.breaker.acquire(now) {
             Ok(p) => p,
             Err(retry_in) => {
-                let mut e = ProxyError::from(ErrorKind::BreakerOpen { retry_in });
-                e.variant = self.breaker.variant.as_deref().map(Arc::from);
+                let variant = self.breaker.variant.as_deref().map(Arc::<str>::from);
+                req.meta.refused_by(None, variant.as_ref());
+                let e = ProxyError::from(ErrorKind::BreakerOpen { retry_in });
                 return Box::pin(std::future::ready(Err(e)));
             }
         };
@@ -287,7 +288,7 @@ mod tests {
                     }
                     let mut http = http::Response::new(full_body("x"));
                     *http.status_mut() = http::StatusCode::from_u16(code as u16).unwrap();
-                    Ok(ProxyResponse::ai(http, Arc::from("ai")))
+                    Ok(ProxyResponse::ai(http))
                 }
             }));
         for _ in 0..5 {

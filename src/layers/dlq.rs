@@ -1,7 +1,12 @@
 //! Dead-letter hand-off: a replayable request that the AI did not answer (whatever the
 //! reason: timeout, 5xx, breaker open, kill switch, shed) is written to the DLQ spool
 //! before the client hears back, so it can be replayed once the AI has recovered. The
-//! outcome travels on the error to the fallback layer, which sets `x-breakwater-dlq`.
+//! outcome goes into the request's facts, where the observe layer reads it for
+//! `x-breakwater-dlq` and the decision record.
+//!
+//! The hand-off runs as a task of its own: a client that goes away while the spool is
+//! syncing (an h2 reset, a disconnect, the end of the shutdown grace) drops only its wait,
+//! never the dead letter.
 //!
 //! Sits inside the fallback layer (it sees the failure before a fallback hides it) and
 //! outside the kill switch (a disabled AI still owes these requests an answer).
@@ -13,8 +18,8 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use crate::proxy::error::ProxyError;
-use crate::proxy::types::{DlqOutcome, ProxyRequest, ProxyResponse, Reason};
+use crate::exchange::error::ProxyError;
+use crate::exchange::{DlqOutcome, ProxyRequest, ProxyResponse, Reason};
 
 pub type DlqFuture = Pin<Box<dyn Future<Output = (DlqOutcome, String)> + Send>>;
 
@@ -74,13 +79,26 @@ where
         let sink = self.sink.clone();
         let fut = self.inner.call(req.clone());
         Box::pin(async move {
-            match fut.await {
-                Ok(resp) => Ok(resp),
-                Err(mut e) => {
-                    e.dlq = Some(sink.enqueue(&req, e.reason()).await);
-                    Err(e)
-                }
+            let e = match fut.await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            let meta = req.meta.clone();
+            {
+                let mut facts = meta.facts();
+                facts.failure = Some(e.reason());
             }
+            meta.dlq_started();
+            let enqueue = sink.enqueue(&req, e.reason());
+            let task = tokio::spawn(async move {
+                let (outcome, msg_id) = enqueue.await;
+                meta.dlq_finished(outcome, Arc::from(msg_id));
+            });
+            if let Err(join) = task.await {
+                // Only a runtime shutting down cancels it; the spool may still have it.
+                tracing::warn!(request_id = %req.meta.request_id, error = %join, "DLQ hand-off did not finish");
+            }
+            Err(e)
         })
     }
 }
@@ -88,8 +106,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::error::ErrorKind;
-    use crate::proxy::types::test_request;
+    use crate::exchange::error::ErrorKind;
+    use crate::exchange::{test_request, DlqState};
     use std::sync::Mutex;
     use std::time::Duration;
     use tower::ServiceExt;
@@ -113,11 +131,13 @@ mod tests {
             DlqLayer::new(rec.clone()).layer(tower::service_fn(|_r: ProxyRequest| async {
                 Err::<ProxyResponse, _>(ProxyError::from(ErrorKind::AiDisabled))
             }));
-        let err = failing
-            .oneshot(test_request(Duration::from_secs(1)))
-            .await
-            .unwrap_err();
-        assert_eq!(err.dlq, Some((DlqOutcome::Spooled, "msg-1".to_string())));
+        let req = test_request(Duration::from_secs(1));
+        let meta = req.meta.clone();
+        failing.oneshot(req).await.unwrap_err();
+        assert_eq!(
+            meta.facts().dlq,
+            DlqState::Done(DlqOutcome::Spooled, Arc::from("msg-1"))
+        );
         assert_eq!(
             rec.0.lock().unwrap().as_slice(),
             &[("req-1".to_string(), Reason::AiDisabled)]

@@ -92,6 +92,7 @@ where
                     Ok(resp)
                 }
                 Err(err) => {
+                    req.meta.facts().failure = Some(err.reason());
                     let key = request_key(&req);
                     for step in chain.iter() {
                         if let Some(http) = step.answer(&req, &key).await {
@@ -101,12 +102,6 @@ where
                                     kind: step.kind(),
                                     reason: err.reason(),
                                 },
-                                upstream: err.upstream.clone(),
-                                variant: err.variant.clone(),
-                                // What the failing AI said it was (post-patch trail).
-                                model_version: err.model_version.clone(),
-                                upstream_latency: err.upstream_latency,
-                                dlq: err.dlq.clone(),
                                 body_bytes: None,
                             });
                         }
@@ -135,7 +130,7 @@ mod tests {
     }
 
     fn ai_ok(body: &'static str) -> ProxyResponse {
-        let mut r = ProxyResponse::ai(http::Response::new(full_body(body)), Arc::from("ai"));
+        let mut r = ProxyResponse::ai(http::Response::new(full_body(body)));
         r.body_bytes = Some(bytes::Bytes::from_static(body.as_bytes()));
         r
     }

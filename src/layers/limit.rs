@@ -61,7 +61,8 @@ where
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
         let Some(permit) = self.limiter.try_acquire() else {
             metrics::counter!(telemetry::SHED_TOTAL, "route" => req.meta.route.name.clone(), "upstream" => self.upstream.to_string()).increment(1);
-            let e = ProxyError::from(ErrorKind::Overloaded).with_upstream(&self.upstream);
+            req.meta.refused_by(Some(&self.upstream), None);
+            let e = ProxyError::from(ErrorKind::Overloaded);
             return Box::pin(std::future::ready(Err(e)));
         };
         let started = tokio::time::Instant::now();
@@ -109,18 +110,12 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(shed.kind, ErrorKind::Overloaded));
-        respond.send_response(ProxyResponse::ai(
-            http::Response::new(full_body("ok")),
-            Arc::from("ai"),
-        ));
+        respond.send_response(ProxyResponse::ai(http::Response::new(full_body("ok"))));
         first.await.unwrap().unwrap();
         assert_eq!(limiter.in_flight(), 0);
         let next = tokio::spawn(svc.oneshot(test_request(Duration::from_secs(5))));
         let (_req, respond) = handle.next_request().await.unwrap();
-        respond.send_response(ProxyResponse::ai(
-            http::Response::new(full_body("ok")),
-            Arc::from("ai"),
-        ));
+        respond.send_response(ProxyResponse::ai(http::Response::new(full_body("ok"))));
         next.await.unwrap().unwrap();
     }
 }

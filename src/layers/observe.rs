@@ -18,14 +18,17 @@ use http_body_util::BodyExt;
 
 use super::audit_body::{AuditBody, Pending};
 use super::breaker::SharedBreaker;
-use crate::audit::{AuditHandle, Decision};
+use crate::audit::{AuditHandle, Decision, Entry};
+use bytes::Bytes;
 use tower::{Layer, Service};
 
-use crate::proxy::error::{error_response, ProxyError};
-use crate::proxy::headers::{
+use crate::exchange::error::{error_response, ErrorKind, ErrorSource, ProxyError};
+use crate::exchange::headers::{
     X_DLQ, X_FALLBACK, X_MODEL_VERSION, X_OUTCOME, X_REASON, X_REQUEST_ID,
 };
-use crate::proxy::types::{ProxyBody, ProxyRequest, ProxyResponse, Source};
+use crate::exchange::{
+    DlqOutcome, FallbackKind, ProxyBody, ProxyRequest, ProxyResponse, Reason, RequestMeta, Source,
+};
 use crate::telemetry;
 
 /// What the decision log needs from the route: the log, the generation serving, and the
@@ -42,10 +45,10 @@ pub struct AuditCtx {
 pub struct RouteMetrics {
     route: Arc<str>,
     overhead: Histogram,
-    /// By outcome: ai, fallback, error.
-    duration: [Histogram; 3],
+    /// By outcome: ai, fallback, error, cancelled.
+    duration: [Histogram; 4],
     /// By outcome and status label, registered on first use.
-    requests: [[OnceLock<Counter>; STATUS_LABELS.len()]; 3],
+    requests: [[OnceLock<Counter>; STATUS_LABELS.len()]; 4],
     /// By (upstream, variant) and by model version: a handful each, found by a scan.
     upstreams: Mutex<Vec<UpstreamHistogram>>,
     versions: Mutex<Vec<(String, Counter)>>,
@@ -53,15 +56,13 @@ pub struct RouteMetrics {
 
 type UpstreamHistogram = (Arc<str>, Option<Arc<str>>, Histogram);
 
-const OUTCOMES: [&str; 3] = ["ai", "fallback", "error"];
-
 /// Most distinct model versions one route keeps a cached counter for.
 const MAX_CACHED_VERSIONS: usize = 64;
 
 impl RouteMetrics {
     pub fn new(route: Arc<str>) -> Self {
-        let duration = OUTCOMES.map(|outcome| {
-            metrics::histogram!(telemetry::REQUEST_DURATION, "route" => route.to_string(), "outcome" => outcome)
+        let duration = Outcome::ALL.map(|outcome| {
+            metrics::histogram!(telemetry::REQUEST_DURATION, "route" => route.to_string(), "outcome" => outcome.as_str())
         });
         RouteMetrics {
             overhead: metrics::histogram!(telemetry::OVERHEAD, "route" => route.to_string()),
@@ -73,15 +74,24 @@ impl RouteMetrics {
         }
     }
 
-    fn request(&self, outcome: usize, status: u16, elapsed: Duration, overhead: Duration) {
+    fn request(
+        &self,
+        outcome: Outcome,
+        status: u16,
+        elapsed: Duration,
+        overhead: Option<Duration>,
+    ) {
         let s = status_index(status);
-        self.requests[outcome][s]
+        let o = outcome.index();
+        self.requests[o][s]
             .get_or_init(|| {
-                metrics::counter!(telemetry::REQUESTS_TOTAL, "route" => self.route.to_string(), "outcome" => OUTCOMES[outcome], "status" => STATUS_LABELS[s])
+                metrics::counter!(telemetry::REQUESTS_TOTAL, "route" => self.route.to_string(), "outcome" => outcome.as_str(), "status" => STATUS_LABELS[s])
             })
             .increment(1);
-        self.duration[outcome].record(elapsed.as_secs_f64());
-        self.overhead.record(overhead.as_secs_f64());
+        self.duration[o].record(elapsed.as_secs_f64());
+        if let Some(overhead) = overhead {
+            self.overhead.record(overhead.as_secs_f64());
+        }
     }
 
     fn upstream(&self, upstream: &Arc<str>, variant: Option<&Arc<str>>, latency: Duration) {
@@ -144,6 +154,7 @@ impl<S> Layer<S> for ObserveLayer {
             inner,
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
+            not_ready: None,
         }
     }
 }
@@ -153,6 +164,9 @@ pub struct Observe<S> {
     inner: S,
     audit: Option<AuditCtx>,
     metrics: Arc<RouteMetrics>,
+    /// An error the inner service reported from `poll_ready`: the next call answers it
+    /// as the JSON error instead of calling a service that is not ready.
+    not_ready: Option<Arc<ProxyError>>,
 }
 
 impl<S> Service<ProxyRequest> for Observe<S>
@@ -165,153 +179,328 @@ where
     type Future =
         Pin<Box<dyn Future<Output = Result<http::Response<ProxyBody>, Infallible>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Every layer below is always ready: shedding happens in `call`, never by waiting.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                self.not_ready = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                self.not_ready = Some(Arc::new(e));
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
-        let meta = req.meta.clone();
-        let route_metrics = self.metrics.clone();
-        let audit = self.audit.clone().map(|a| {
-            let input = req.http.body().clone();
-            let method = req.http.method().clone();
-            let path = req.http.uri().path().to_string();
-            (a, input, method, path)
-        });
+        let exchange = Exchange::begin(&req, self.audit.as_ref(), self.metrics.clone());
+        if let Some(e) = self.not_ready.take() {
+            let e = ProxyError::from(ErrorKind::Internal(format!("route stack not ready: {e}")));
+            return Box::pin(std::future::ready(Ok(exchange.finish(Err(e)))));
+        }
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            let elapsed = meta.received_at.elapsed();
-            let route = &*meta.route.name;
-            let mut facts = Facts::default();
-            let (mut resp, outcome, upstream_latency) = match result {
-                Ok(r) => {
-                    facts.upstream = r.upstream.clone();
-                    facts.variant = r.variant.clone();
-                    facts.dlq = r.dlq.clone();
-                    if let Source::Fallback { kind, reason } = r.source {
-                        facts.fallback = Some(kind.as_str());
-                        facts.reason = Some(reason.as_str());
-                    }
-                    let outcome = match r.source {
-                        Source::Ai => "ai",
-                        Source::Fallback { .. } => "fallback",
-                    };
-                    let mut http = r.http;
-                    let h = http.headers_mut();
-                    if let Source::Fallback { kind, reason } = r.source {
-                        h.insert(&X_FALLBACK, HeaderValue::from_static(kind.as_str()));
-                        h.insert(&X_REASON, HeaderValue::from_static(reason.as_str()));
-                        metrics::counter!(telemetry::FALLBACKS_TOTAL, "route" => route.to_string(), "kind" => kind.as_str(), "reason" => reason.as_str()).increment(1);
-                    }
-                    if let Some((dlq, _)) = r.dlq {
-                        h.insert(&X_DLQ, HeaderValue::from_static(dlq.as_str()));
-                    }
-                    if let Some(v) = &r.model_version {
-                        if r.source == Source::Ai {
-                            if let Ok(hv) = HeaderValue::from_str(v) {
-                                h.insert(&X_MODEL_VERSION, hv);
-                            }
-                            route_metrics.model_version(v);
-                        }
-                    }
-                    if let (Some(up), Some(lat)) = (&r.upstream, r.upstream_latency) {
-                        route_metrics.upstream(up, r.variant.as_ref(), lat);
-                    }
-                    facts.model_version = r.model_version;
-                    (http, outcome, r.upstream_latency)
-                }
-                Err(e) => {
-                    facts.upstream = e.upstream.clone();
-                    facts.variant = e.variant.clone();
-                    facts.model_version = e.model_version.clone();
-                    facts.reason = Some(e.reason().as_str());
-                    facts.dlq = e.dlq.clone();
-                    let mut http = error_response(
-                        e.client_status(),
-                        e.code(),
-                        &e.to_string(),
-                        &meta.request_id,
-                    );
-                    let h = http.headers_mut();
-                    h.insert(&X_REASON, HeaderValue::from_static(e.reason().as_str()));
-                    if let Some((dlq, _)) = e.dlq {
-                        h.insert(&X_DLQ, HeaderValue::from_static(dlq.as_str()));
-                    }
-                    tracing::debug!(route, request_id = %meta.request_id, error = %e, "no answer for the client");
-                    (http, "error", e.upstream_latency)
-                }
-            };
-            let h = resp.headers_mut();
-            if let Ok(v) = HeaderValue::from_str(&meta.request_id) {
-                h.insert(&X_REQUEST_ID, v);
-            }
-            h.insert(&X_OUTCOME, HeaderValue::from_static(outcome));
-            let status = resp.status().as_u16();
-            let overhead = elapsed.saturating_sub(upstream_latency.unwrap_or_default());
-            let outcome_index = match outcome {
-                "ai" => 0,
-                "fallback" => 1,
-                _ => 2,
-            };
-            route_metrics.request(outcome_index, status, elapsed, overhead);
-            if let Some((ctx, input, method, path)) = audit {
-                let record = Decision {
-                    event_id: uuid::Uuid::now_v7(),
-                    ts_start: meta.received_wall,
-                    ts_end: meta.received_wall,
-                    route: meta.route.name.clone(),
-                    upstream: facts.upstream,
-                    variant: facts.variant,
-                    model_version: facts.model_version,
-                    config_gen: ctx.config_gen,
-                    request_id: meta.request_id.clone(),
-                    method,
-                    path,
-                    input_digest: None,
-                    output_digest: None,
-                    outcome,
-                    fallback: facts.fallback,
-                    reason: facts.reason.map(Cow::Borrowed),
-                    status,
-                    latency_us: 0,
-                    upstream_latency_us: upstream_latency.map(|d| d.as_micros() as u64),
-                    attempts: meta.attempts(),
-                    breaker_state: ctx
-                        .breaker
-                        .as_ref()
-                        .map(|b| b.state(tokio::time::Instant::now()).as_str()),
-                    dlq: facts.dlq.as_ref().map(|d| d.0.as_str()),
-                    dlq_msg_id: facts.dlq.map(|d| d.1),
-                };
-                let pending = Pending {
-                    record,
-                    input,
-                    started: meta.received_at,
-                };
-                resp = resp.map(|body| AuditBody::new(body, ctx.handle.clone(), pending).boxed());
-            }
-            Ok(resp)
+            Ok(exchange.finish(result))
         })
     }
 }
 
-/// What the decision record needs to know about the answer.
-#[derive(Default)]
-struct Facts {
+/// One request from the moment it enters the route's stack. Turns the stack's result
+/// into the client response; when its future is dropped first (the client reset the h2
+/// stream or disconnected, or the shutdown grace ended), its `Drop` still writes the
+/// decision record: outcome `cancelled`, status 499 as nginx logs it.
+struct Exchange {
+    meta: Arc<RequestMeta>,
+    audit: Option<AuditStart>,
+    metrics: Arc<RouteMetrics>,
+    finished: bool,
+}
+
+/// What the decision record needs from the request itself.
+struct AuditStart {
+    ctx: AuditCtx,
+    input: Bytes,
+    method: http::Method,
+    path: String,
+}
+
+/// How a request ended, for headers, metrics and the record.
+struct Ending {
+    outcome: Outcome,
+    fallback: Option<FallbackKind>,
+    reason: Option<Reason>,
+}
+
+impl Exchange {
+    fn begin(req: &ProxyRequest, audit: Option<&AuditCtx>, metrics: Arc<RouteMetrics>) -> Self {
+        let audit = audit.map(|ctx| AuditStart {
+            ctx: ctx.clone(),
+            input: req.http.body().clone(),
+            method: req.http.method().clone(),
+            path: req.http.uri().path().to_string(),
+        });
+        Exchange {
+            meta: req.meta.clone(),
+            audit,
+            metrics,
+            finished: false,
+        }
+    }
+
+    /// The client response for the stack's result, with the SPEC headers, the metrics and
+    /// (when the log is on) a body that writes the decision record when it ends.
+    fn finish(mut self, result: Result<ProxyResponse, ProxyError>) -> http::Response<ProxyBody> {
+        self.finished = true;
+        let (mut resp, ending) = match result {
+            Ok(r) => self.answer(r),
+            Err(e) => self.error(&e),
+        };
+        let facts = Known::of(&self.meta);
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&self.meta.request_id) {
+            h.insert(&X_REQUEST_ID, v);
+        }
+        h.insert(
+            &X_OUTCOME,
+            HeaderValue::from_static(ending.outcome.as_str()),
+        );
+        if let Some((dlq, _)) = &facts.dlq {
+            h.insert(&X_DLQ, HeaderValue::from_static(dlq.as_str()));
+        }
+        if ending.outcome == Outcome::Ai {
+            if let Some(v) = &facts.model_version {
+                if let Ok(hv) = HeaderValue::from_str(v) {
+                    h.insert(&X_MODEL_VERSION, hv);
+                }
+                self.metrics.model_version(v);
+            }
+        }
+        if let (Some(up), Some(lat)) = (&facts.upstream, facts.upstream_latency) {
+            self.metrics.upstream(up, facts.variant.as_ref(), lat);
+        }
+        let status = resp.status().as_u16();
+        let elapsed = self.meta.received_at.elapsed();
+        let overhead = elapsed.saturating_sub(facts.upstream_latency.unwrap_or_default());
+        self.metrics
+            .request(ending.outcome, status, elapsed, Some(overhead));
+        let Some(audit) = self.audit.take() else {
+            return resp;
+        };
+        let record = audit.decision(&self.meta, facts, &ending, status);
+        let pending = Pending {
+            record,
+            input: audit.input,
+            started: self.meta.received_at,
+        };
+        let handle = audit.ctx.handle;
+        resp.map(|body| AuditBody::new(body, handle, pending).boxed())
+    }
+
+    /// An answer from the AI or a fallback.
+    fn answer(&self, r: ProxyResponse) -> (http::Response<ProxyBody>, Ending) {
+        let mut http = r.http;
+        match r.source {
+            Source::Ai => (
+                http,
+                Ending {
+                    outcome: Outcome::Ai,
+                    fallback: None,
+                    reason: None,
+                },
+            ),
+            Source::Fallback { kind, reason } => {
+                let h = http.headers_mut();
+                h.insert(&X_FALLBACK, HeaderValue::from_static(kind.as_str()));
+                h.insert(&X_REASON, HeaderValue::from_static(reason.as_str()));
+                metrics::counter!(telemetry::FALLBACKS_TOTAL, "route" => self.meta.route.name.to_string(), "kind" => kind.as_str(), "reason" => reason.as_str()).increment(1);
+                (
+                    http,
+                    Ending {
+                        outcome: Outcome::Fallback,
+                        fallback: Some(kind),
+                        reason: Some(reason),
+                    },
+                )
+            }
+        }
+    }
+
+    /// No answer: the SPEC JSON error, the one place a `ProxyError` becomes a response.
+    fn error(&self, e: &ProxyError) -> (http::Response<ProxyBody>, Ending) {
+        let mut http = error_response(
+            e.client_status(),
+            e.code(),
+            &e.to_string(),
+            &self.meta.request_id,
+        );
+        http.headers_mut()
+            .insert(&X_REASON, HeaderValue::from_static(e.reason().as_str()));
+        match e.source() {
+            ErrorSource::Internal => {
+                tracing::error!(route = %self.meta.route.name, request_id = %self.meta.request_id, error = %e, "breakwater failed internally");
+            }
+            source => {
+                tracing::debug!(route = %self.meta.route.name, request_id = %self.meta.request_id, error = %e, source = source.as_str(), "no answer for the client");
+            }
+        }
+        (
+            http,
+            Ending {
+                outcome: Outcome::Error,
+                fallback: None,
+                reason: Some(e.reason()),
+            },
+        )
+    }
+
+    /// The future was dropped before the stack answered.
+    fn cancelled(&mut self) {
+        let elapsed = self.meta.received_at.elapsed();
+        self.metrics
+            .request(Outcome::Cancelled, CANCELLED_STATUS, elapsed, None);
+        tracing::debug!(route = %self.meta.route.name, request_id = %self.meta.request_id, "client went away before the answer");
+        let Some(audit) = self.audit.take() else {
+            return;
+        };
+        let meta = self.meta.clone();
+        // A dead letter still being spooled finishes on its own task: the record waits for
+        // its outcome so that it names the message.
+        self.meta.after_dlq(Box::new(move |_| {
+            let facts = Known::of(&meta);
+            let ending = Ending {
+                outcome: Outcome::Cancelled,
+                fallback: None,
+                reason: facts.failure,
+            };
+            let mut record = audit.decision(&meta, facts, &ending, CANCELLED_STATUS);
+            record.ts_end = std::time::SystemTime::now();
+            record.latency_us = meta.received_at.elapsed().as_micros() as u64;
+            record.input_digest = Some(audit.ctx.handle.digester().digest(&audit.input));
+            submit_detached(&audit.ctx.handle, Entry::Decision(record));
+        }));
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancelled();
+        }
+    }
+}
+
+/// Hands a record to the log from a context that cannot wait (a drop).
+fn submit_detached(handle: &AuditHandle, entry: Entry) {
+    if let Err(entry) = handle.try_submit(entry) {
+        let handle = handle.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { handle.submit(entry).await });
+        }
+    }
+}
+
+/// The request's facts, copied once when the request ends.
+struct Known {
     upstream: Option<Arc<str>>,
     variant: Option<Arc<str>>,
     model_version: Option<String>,
-    fallback: Option<&'static str>,
-    reason: Option<&'static str>,
-    dlq: Option<(crate::proxy::types::DlqOutcome, String)>,
+    upstream_latency: Option<Duration>,
+    attempts: u32,
+    failure: Option<Reason>,
+    dlq: Option<(DlqOutcome, Arc<str>)>,
+}
+
+impl Known {
+    fn of(meta: &RequestMeta) -> Known {
+        let f = meta.facts();
+        Known {
+            upstream: f.upstream.clone(),
+            variant: f.variant.clone(),
+            model_version: f.model_version.clone(),
+            upstream_latency: f.upstream_latency,
+            attempts: f.attempts,
+            failure: f.failure,
+            dlq: f.dlq.outcome(),
+        }
+    }
+}
+
+impl AuditStart {
+    /// The decision record, without what only the body's end knows (end time, latency,
+    /// digests).
+    fn decision(&self, meta: &RequestMeta, facts: Known, ending: &Ending, status: u16) -> Decision {
+        Decision {
+            event_id: uuid::Uuid::now_v7(),
+            ts_start: meta.received_wall,
+            ts_end: meta.received_wall,
+            route: meta.route.name.clone(),
+            upstream: facts.upstream,
+            variant: facts.variant,
+            model_version: facts.model_version,
+            config_gen: self.ctx.config_gen,
+            request_id: meta.request_id.clone(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            input_digest: None,
+            output_digest: None,
+            outcome: ending.outcome.as_str(),
+            fallback: ending.fallback.map(FallbackKind::as_str),
+            reason: ending.reason.map(|r| Cow::Borrowed(r.as_str())),
+            status,
+            latency_us: 0,
+            upstream_latency_us: facts.upstream_latency.map(|d| d.as_micros() as u64),
+            attempts: facts.attempts,
+            breaker_state: self
+                .ctx
+                .breaker
+                .as_ref()
+                .map(|b| b.state(tokio::time::Instant::now()).as_str()),
+            dlq: facts.dlq.as_ref().map(|d| d.0.as_str()),
+            dlq_msg_id: facts.dlq.map(|d| d.1.to_string()),
+        }
+    }
+}
+
+/// The status a cancelled request is recorded with (nginx's "client closed request").
+const CANCELLED_STATUS: u16 = 499;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ai,
+    Fallback,
+    Error,
+    /// The client went away before the answer.
+    Cancelled,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 4] = [
+        Outcome::Ai,
+        Outcome::Fallback,
+        Outcome::Error,
+        Outcome::Cancelled,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ai => "ai",
+            Outcome::Fallback => "fallback",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Status labels: the common codes by name, the rest by class.
-const STATUS_LABELS: [&str; 19] = [
-    "200", "201", "204", "400", "401", "403", "404", "409", "413", "422", "429", "500", "502",
-    "503", "504", "2xx", "3xx", "4xx", "5xx",
+const STATUS_LABELS: [&str; 20] = [
+    "200", "201", "204", "400", "401", "403", "404", "409", "413", "422", "429", "499", "500",
+    "502", "503", "504", "2xx", "3xx", "4xx", "5xx",
 ];
 
 fn status_index(status: u16) -> usize {
@@ -327,13 +516,14 @@ fn status_index(status: u16) -> usize {
         413 => 8,
         422 => 9,
         429 => 10,
-        500 => 11,
-        502 => 12,
-        503 => 13,
-        504 => 14,
-        s if s < 300 => 15,
-        s if s < 400 => 16,
-        s if s < 500 => 17,
-        _ => 18,
+        499 => 11,
+        500 => 12,
+        502 => 13,
+        503 => 14,
+        504 => 15,
+        s if s < 300 => 16,
+        s if s < 400 => 17,
+        s if s < 500 => 18,
+        _ => 19,
     }
 }

@@ -71,18 +71,9 @@ impl tower::Service<ProxyRequest> for Forward {
 
 impl ForwardInner {
     async fn forward(self: Arc<Self>, req: ProxyRequest) -> Result<ProxyResponse, ProxyError> {
-        req.meta.add_attempt();
-        let fail = |kind: ErrorKind, latency: Option<Duration>| {
-            let mut e = ProxyError::from(kind).with_upstream(&self.upstream.name);
-            e.variant = self.variant.clone();
-            e.upstream_latency = latency;
-            e
-        };
-        let (resp, latency) = self
-            .upstream
-            .send(&req.http)
-            .await
-            .map_err(|k| fail(k, None))?;
+        req.meta
+            .attempt_started(&self.upstream.name, self.variant.as_ref());
+        let (resp, latency) = self.upstream.send(&req.http).await?;
         let status = resp.status();
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = resp
@@ -90,44 +81,28 @@ impl ForwardInner {
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            let mut e = fail(
-                ErrorKind::Status {
-                    status,
-                    retry_after,
-                },
-                Some(latency),
-            );
-            e.model_version = self
-                .route
-                .model_version_header
-                .as_ref()
-                .and_then(|h| resp.headers().get(h))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            return Err(e);
+            req.meta
+                .attempt_answered(latency, self.header_version(resp.headers()));
+            return Err(ErrorKind::Status {
+                status,
+                retry_after,
+            }
+            .into());
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let mut model_version = self
-            .route
-            .model_version_header
-            .as_ref()
-            .and_then(|h| parts.headers.get(h))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-
+        let mut model_version = self.header_version(&parts.headers);
         let (body, body_bytes) = match self.buffer_limit {
             Some(limit) => match collect_bounded(body, limit).await {
                 Ok(Collected::Whole(bytes)) => (full_body(bytes.clone()), Some(bytes)),
                 Ok(Collected::TooBig(body)) => (body, None),
                 Err(e) => {
-                    return Err(fail(
-                        ErrorKind::Transport {
-                            message: format!("reading the upstream body failed: {e}"),
-                            sent: true,
-                        },
-                        Some(latency),
-                    ))
+                    req.meta.attempt_answered(latency, model_version);
+                    return Err(ErrorKind::Transport {
+                        message: format!("reading the upstream body failed: {e}"),
+                        sent: true,
+                    }
+                    .into());
                 }
             },
             None => (body.map_err(BoxError::from).boxed(), None),
@@ -137,15 +112,19 @@ impl ForwardInner {
                 model_version = model_version_from_json(bytes, ptr);
             }
         }
-        let mut out = ProxyResponse::ai(
-            http::Response::from_parts(parts, body),
-            self.upstream.name.clone(),
-        );
-        out.variant = self.variant.clone();
-        out.model_version = model_version;
-        out.upstream_latency = Some(latency);
+        req.meta.attempt_answered(latency, model_version);
+        let mut out = ProxyResponse::ai(http::Response::from_parts(parts, body));
         out.body_bytes = body_bytes;
         Ok(out)
+    }
+
+    fn header_version(&self, headers: &http::HeaderMap) -> Option<String> {
+        self.route
+            .model_version_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     }
 }
 
