@@ -527,3 +527,55 @@ fn status_index(status: u16) -> usize {
         _ => 19,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::{BreakerSettings, BreakerState};
+    use crate::exchange::test_request;
+    use crate::layers::breaker::BreakerLayer;
+    use tower::ServiceExt;
+
+    /// breakwater's own faults are reported as what they are and never trip the AI's
+    /// breaker, however many there are.
+    #[tokio::test(start_paused = true)]
+    async fn internal_errors_are_internal_and_never_trip_the_breaker() {
+        let breaker = SharedBreaker::new(
+            "t",
+            None,
+            BreakerSettings {
+                consecutive_failures: 2,
+                failure_rate: None,
+                ..BreakerSettings::default()
+            },
+        );
+        let svc = tower::ServiceBuilder::new()
+            .layer(ObserveLayer::new(
+                None,
+                Arc::new(RouteMetrics::new(Arc::from("t"))),
+            ))
+            .layer(BreakerLayer::new(breaker.clone()))
+            .service(tower::service_fn(|_r: ProxyRequest| async {
+                Err::<ProxyResponse, _>(ProxyError::from(ErrorKind::Internal(
+                    "cannot build upstream request".into(),
+                )))
+            }));
+        for _ in 0..10 {
+            let resp = svc
+                .clone()
+                .oneshot(test_request(Duration::from_secs(1)))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(resp.headers()[&X_REASON], "internal");
+            assert_eq!(resp.headers()[&X_OUTCOME], "error");
+            let body = crate::proxy::body_bytes(resp.into_body()).await.unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"]["code"], "internal");
+        }
+        assert_eq!(
+            breaker.state(tokio::time::Instant::now()),
+            BreakerState::Closed
+        );
+    }
+}
