@@ -223,3 +223,31 @@ async fn a_failed_replayable_request_is_spooled_after_its_client_has_gone() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_off_by_the_end_of_the_shutdown_grace_are_recorded() {
+    let ai = MockAi::start().await;
+    ai.set_delay(Duration::from_secs(5));
+    let dir = tempfile::tempdir().unwrap();
+    let config = simple_config(&ai.url(), "", &audit_section(dir.path())).replacen(
+        "[server]\n",
+        "[server]\nshutdown_grace_ms = 300\n",
+        1,
+    );
+    let proxy = TestProxy::start(&config).await;
+    let h1 = h1_clients(proxy.addr, 10, "grace").await;
+    wait_until("the AI to receive all 10 requests", || ai.requests() >= 10).await;
+    let started = std::time::Instant::now();
+    // `stop` returns once app::run has: the records must be on disk by then.
+    proxy.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "shutdown waited for the AI"
+    );
+    let records = decisions(dir.path());
+    assert_eq!(records.len(), 10, "{records:?}");
+    assert!(records
+        .iter()
+        .all(|r| r["outcome"] == "cancelled" && r["status"] == 499));
+    drop(h1);
+}

@@ -21,7 +21,12 @@ use crate::proxy::Proxy;
 /// Serves the data plane until `shutdown` fires, then drains for up to `grace`.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
+    // Connection tasks are owned here, so that those still open when the grace ends are
+    // dropped (their requests then write `cancelled` records) while the decision log
+    // still runs, not when the runtime is torn down after it.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -37,7 +42,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let snapshot = proxy.snapshot();
             let server = &snapshot.config.server;
             let header_timeout = server.header_read_timeout;
@@ -89,6 +94,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
     {
         tracing::warn!("grace period over; closing the remaining connections");
     }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
 }
 
 async fn serve_conn<I>(
