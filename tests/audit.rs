@@ -539,3 +539,45 @@ async fn an_unreachable_broker_never_holds_the_log_and_counts_what_it_missed() {
     assert!(dropped >= 8.0, "{dropped}");
     proxy.stop().await;
 }
+
+/// A request for `/headers` (the mock answers with the request's headers) as one user.
+fn as_user(proxy: &TestProxy, token: &str, cookie: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(proxy.url("/headers?page=1"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("cookie", format!("PHPSESSID={cookie}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_answer_cache_never_serves_one_users_answer_to_another() {
+    let ai = MockAi::start().await;
+    let route = "[[routes.fallback]]\nkind = \"cache\"\nttl_s = 60\n[[routes.fallback]]\nkind = \"static\"\nbody = '{\"source\":\"static\"}'\n";
+    let proxy = TestProxy::start(&simple_config(&ai.url(), route, "")).await;
+    // User A's answer (it carries A's token: the mock echoes the headers) is cached.
+    let a = proxy
+        .send(as_user(&proxy, "alice-token", "alice-session"))
+        .await;
+    assert_eq!(a.outcome(), "ai");
+    assert!(String::from_utf8_lossy(&a.body).contains("alice-token"));
+
+    ai.set_error_rate(1.0, 503);
+    // Another token, and the same token with another session cookie: neither gets A's
+    // answer; both get the next fallback.
+    for (token, cookie) in [("bob-token", "bob-session"), ("alice-token", "bob-session")] {
+        let b = proxy.send(as_user(&proxy, token, cookie)).await;
+        let body = String::from_utf8_lossy(&b.body).to_string();
+        assert!(
+            !body.contains("alice-session"),
+            "a user with {token}/{cookie} received user A's cached answer: {body}"
+        );
+        assert_eq!(b.header("x-breakwater-fallback"), Some("static"), "{body}");
+    }
+    // User A still gets the cached answer.
+    let a = proxy
+        .send(as_user(&proxy, "alice-token", "alice-session"))
+        .await;
+    assert_eq!(a.header("x-breakwater-fallback"), Some("cache"));
+    assert!(String::from_utf8_lossy(&a.body).contains("alice-token"));
+    proxy.stop().await;
+}

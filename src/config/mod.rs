@@ -153,6 +153,9 @@ pub enum FallbackConfig {
         ttl: Duration,
         max_entries: usize,
         max_bytes: u64,
+        /// Request headers the answer depends on (default: the credentials and the
+        /// variants' sticky headers): part of the cache key.
+        vary_headers: Vec<http::HeaderName>,
     },
     Upstream {
         upstream: String,

@@ -119,6 +119,7 @@ pub struct RawFallback {
     pub ttl_s: Option<u64>,
     pub max_entries: Option<usize>,
     pub max_bytes: Option<u64>,
+    pub vary_headers: Option<Vec<String>>,
     // upstream
     pub upstream: Option<String>,
     pub timeout_ms: Option<u64>,
