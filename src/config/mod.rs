@@ -205,6 +205,8 @@ pub struct AuditConfig {
     pub rotate_bytes: u64,
     pub retention_days: u32,
     pub on_full_drop: bool,
+    /// Under `block`: the longest a record waits for room before it is counted as lost.
+    pub block_timeout: Duration,
     pub channel_capacity: usize,
     pub fsync_interval: Duration,
     pub fsync_max_records: usize,

@@ -160,6 +160,7 @@ pub struct RawAudit {
     pub rotate_bytes: Option<u64>,
     pub retention_days: Option<u32>,
     pub on_full: Option<String>,
+    pub block_timeout_ms: Option<u64>,
     pub channel_capacity: Option<usize>,
     pub fsync_interval_ms: Option<u64>,
     pub fsync_max_records: Option<usize>,

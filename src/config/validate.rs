@@ -817,6 +817,7 @@ fn validate_audit(e: &mut Errors, a: &RawAudit) -> Option<AuditConfig> {
         rotate_bytes,
         retention_days,
         on_full_drop,
+        block_timeout: positive_ms(e, a.block_timeout_ms, 1000, "audit.block_timeout_ms"),
         channel_capacity,
         fsync_interval: positive_ms(e, a.fsync_interval_ms, 10, "audit.fsync_interval_ms"),
         fsync_max_records: a.fsync_max_records.unwrap_or(256).max(1),
