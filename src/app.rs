@@ -71,6 +71,11 @@ pub async fn run(
     // Stops the decision log's RabbitMQ copies once the log is flushed at shutdown.
     let audit_publish_stop = CancellationToken::new();
     let config_publishes = config.audit.as_ref().is_some_and(|a| a.publish.is_some());
+    let audit_block_timeout = config
+        .audit
+        .as_ref()
+        .map(|a| a.block_timeout)
+        .unwrap_or_default();
     let audit = match &config.audit {
         Some(a) => {
             let publish = a.publish.clone().map(|p| {
@@ -91,6 +96,7 @@ pub async fn run(
                 channel_capacity: a.channel_capacity,
                 fsync_interval: a.fsync_interval,
                 fsync_max_records: a.fsync_max_records,
+                block_timeout: a.block_timeout,
                 instance: config.server.instance.clone(),
                 publish,
             })
@@ -263,10 +269,14 @@ pub async fn run(
     shutdown.cancelled().await;
     admin_state.listeners_ready.store(false, Ordering::Release);
     tracing::info!("shutdown requested: no new connections; draining in-flight requests");
+    let grace_ends = tokio::time::Instant::now() + proxy.snapshot().config.server.shutdown_grace;
     let _ = data.await;
     if let Some(audit) = &audit {
-        // Every answered request's record is on disk before the process exits.
-        audit.flush().await;
+        // Every answered request's record is on disk before the process exits, within
+        // what is left of the grace (at least `block_timeout_ms`): a dead disk must not
+        // hold the shutdown.
+        let left = grace_ends.saturating_duration_since(tokio::time::Instant::now());
+        audit.close(left.max(audit_block_timeout)).await;
     }
     if config_publishes {
         // The last copies get a moment to reach the broker; any left are in the file.

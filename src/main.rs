@@ -221,6 +221,14 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                         .unwrap_or_else(|| "-".into()),
                     report.last_hash.as_deref().unwrap_or("-")
                 )?;
+                if report.records_lost > 0 {
+                    // The chain is intact, but the log is not complete: say so loudly.
+                    writeln!(
+                        out,
+                        "WARNING: records_lost: {} decision record(s) were lost (records_lost events at seq {:?})",
+                        report.records_lost, report.loss_events
+                    )?;
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {

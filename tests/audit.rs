@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use support::*;
 
 const KEY_A: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -538,4 +538,244 @@ async fn an_unreachable_broker_never_holds_the_log_and_counts_what_it_missed() {
         .unwrap();
     assert!(dropped >= 8.0, "{dropped}");
     proxy.stop().await;
+}
+
+/// A request for `/headers` (the mock answers with the request's headers) as one user.
+fn as_user(proxy: &TestProxy, token: &str, cookie: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(proxy.url("/headers?page=1"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("cookie", format!("PHPSESSID={cookie}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_answer_cache_never_serves_one_users_answer_to_another() {
+    let ai = MockAi::start().await;
+    let route = "[[routes.fallback]]\nkind = \"cache\"\nttl_s = 60\n[[routes.fallback]]\nkind = \"static\"\nbody = '{\"source\":\"static\"}'\n";
+    let proxy = TestProxy::start(&simple_config(&ai.url(), route, "")).await;
+    // User A's answer (it carries A's token: the mock echoes the headers) is cached.
+    let a = proxy
+        .send(as_user(&proxy, "alice-token", "alice-session"))
+        .await;
+    assert_eq!(a.outcome(), "ai");
+    assert!(String::from_utf8_lossy(&a.body).contains("alice-token"));
+
+    ai.set_error_rate(1.0, 503);
+    // Another token, and the same token with another session cookie: neither gets A's
+    // answer; both get the next fallback.
+    for (token, cookie) in [("bob-token", "bob-session"), ("alice-token", "bob-session")] {
+        let b = proxy.send(as_user(&proxy, token, cookie)).await;
+        let body = String::from_utf8_lossy(&b.body).to_string();
+        assert!(
+            !body.contains("alice-session"),
+            "a user with {token}/{cookie} received user A's cached answer: {body}"
+        );
+        assert_eq!(b.header("x-breakwater-fallback"), Some("static"), "{body}");
+    }
+    // User A still gets the cached answer.
+    let a = proxy
+        .send(as_user(&proxy, "alice-token", "alice-session"))
+        .await;
+    assert_eq!(a.header("x-breakwater-fallback"), Some("cache"));
+    assert!(String::from_utf8_lossy(&a.body).contains("alice-token"));
+    proxy.stop().await;
+}
+
+/// A small tmpfs mounted on a fresh directory (unmounted when dropped): a disk that
+/// really fills. `None`, with a message, where mounting is not permitted (outside CI).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            other => {
+                let why = format!("{other:?}");
+                assert_ne!(
+                    std::env::var("CI").as_deref(),
+                    Ok("true"),
+                    "cannot mount a tmpfs in CI: {why}"
+                );
+                eprintln!("skipped: cannot mount a tmpfs here ({why})");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with a file, leaving about `leave` bytes free.
+    fn fill(&self, leave: u64) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        let total = nix_free_bytes(self.path()).saturating_sub(leave);
+        let mut written = 0;
+        while written < total {
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+            written += chunk.len() as u64;
+        }
+        let _ = f.sync_all();
+    }
+
+    fn free_up(&self) {
+        std::fs::remove_file(self.path().join("filler")).unwrap();
+    }
+}
+
+/// Free bytes of the file system holding `dir`, from `df`.
+fn nix_free_bytes(dir: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap()
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a writer thread may still hold the log open for a moment.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// What the chain says was lost: the sum of its `records_lost` events.
+fn lost_in_chain(dir: &Path) -> u64 {
+    records(dir)
+        .iter()
+        .filter(|r| r["event"] == "records_lost")
+        .map(|r| r["detail"]["count"].as_u64().unwrap())
+        .sum()
+}
+
+/// `n` GETs from 16 clients at once; returns how many were answered.
+async fn burst(proxy: &TestProxy, n: usize) -> usize {
+    let url = proxy.url("/v1/recommendations");
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = http_client();
+            let mut ok = 0;
+            for _ in (c..n).step_by(16) {
+                if let Ok(r) = client.get(url.parse().unwrap()).await {
+                    if r.status() == 200 && r.into_body().collect().await.is_ok() {
+                        ok += 1;
+                    }
+                }
+            }
+            ok
+        }));
+    }
+    let mut answered = 0;
+    for t in tasks {
+        answered += t.await.unwrap();
+    }
+    answered
+}
+
+#[tokio::test]
+async fn a_full_disk_loses_records_only_counted_and_chained_and_shutdown_keeps_its_grace() {
+    let Some(disk) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let ai = MockAi::start().await;
+    let audit = audit_section(
+        disk.path(),
+        KEY_A,
+        "on_full = \"block\"\nchannel_capacity = 64\nfsync_max_records = 16\nblock_timeout_ms = 20\n",
+    );
+    let cfg = simple_config(&ai.url(), "", &audit).replace(
+        "watch_config = true\n",
+        "watch_config = true\nshutdown_grace_ms = 2000\n",
+    );
+    let proxy = TestProxy::start(&cfg).await;
+    // Room for a hundred records or so; the rest of the burst meets a full disk.
+    disk.fill(64 * 1024);
+    let answered = burst(&proxy, 2500).await;
+    assert_eq!(
+        answered, 2500,
+        "requests must be answered while the disk is full"
+    );
+    assert_eq!(
+        proxy.admin_get("/readyz").await.unwrap().status,
+        503,
+        "readiness stayed on while records were being lost"
+    );
+    let dropped = metric(&proxy.metrics().await, "breakwater_audit_dropped_total");
+    assert!(dropped > 0.0, "records were lost without being counted");
+
+    // The disk is back: the writer catches up and chains what was lost.
+    disk.free_up();
+    let mut seen = (0, 0);
+    for _ in 0..300 {
+        seen = (decisions(disk.path()).len(), lost_in_chain(disk.path()));
+        if seen.0 as u64 + seen.1 >= answered as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (recorded, lost) = seen;
+    assert_eq!(
+        recorded as u64 + lost,
+        answered as u64,
+        "answered requests != records ({recorded}) + counted losses ({lost})"
+    );
+    assert!(lost > 0, "nothing was lost: the disk never filled");
+    let dropped = metric(&proxy.metrics().await, "breakwater_audit_dropped_total");
+    assert_eq!(dropped as u64, lost, "the metric and the chain disagree");
+    let (ok, out) = verify(&[disk.path()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("records_lost") && out.contains(&lost.to_string()),
+        "verify did not report the loss: {out}"
+    );
+    for _ in 0..100 {
+        if proxy.admin_get("/readyz").await.unwrap().status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(proxy.admin_get("/readyz").await.unwrap().status, 200);
+
+    // A dead disk at shutdown: the writer is stuck, and shutdown still keeps its grace.
+    disk.fill(0);
+    burst(&proxy, 300).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), proxy.stop())
+        .await
+        .expect("shutdown hung on a dead disk");
+    assert!(
+        started.elapsed() < Duration::from_millis(3000),
+        "shutdown took {:?}, more than its 2 s grace",
+        started.elapsed()
+    );
 }

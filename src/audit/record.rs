@@ -350,6 +350,8 @@ pub struct ParsedLine {
     pub seq: u64,
     pub prev_hash: String,
     pub request_id: Option<String>,
+    /// For a `records_lost` event: how many records it says were lost.
+    pub records_lost: Option<u64>,
 }
 
 const HASH_FIELD: &[u8] = b",\"hash\":\"";
@@ -376,14 +378,25 @@ pub fn parse_line(line: &[u8]) -> Option<ParsedLine> {
         seq: u64,
         prev_hash: String,
         request_id: Option<String>,
+        event: Option<String>,
+        detail: Option<Lost>,
+    }
+    #[derive(Deserialize)]
+    struct Lost {
+        count: Option<u64>,
     }
     let chain: Chain = serde_json::from_slice(&canonical).ok()?;
+    let records_lost = match (chain.event.as_deref(), chain.detail) {
+        (Some(super::writer::RECORDS_LOST), Some(d)) => d.count,
+        _ => None,
+    };
     Some(ParsedLine {
         canonical,
         hash: hash.to_string(),
         seq: chain.seq,
         prev_hash: chain.prev_hash,
         request_id: chain.request_id,
+        records_lost,
     })
 }
 

@@ -38,6 +38,11 @@ pub struct VerifyReport {
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub last_hash: Option<String>,
+    /// Decision records the chain says were lost (the sum of its `records_lost` events):
+    /// an intact chain that is not a complete record.
+    pub records_lost: u64,
+    /// Sequence numbers of the `records_lost` events.
+    pub loss_events: Vec<u64>,
 }
 
 /// Expands directories and log paths into the chain's files, oldest first: rotated files
@@ -97,6 +102,8 @@ pub fn verify_paths(paths: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
         first_seq: None,
         last_seq: None,
         last_hash: None,
+        records_lost: 0,
+        loss_events: Vec::new(),
     };
     for file in &files {
         verify_file(file, &mut report)?;
@@ -171,6 +178,10 @@ fn verify_file(path: &Path, report: &mut VerifyReport) -> Result<(), VerifyError
                     "prev_hash does not match the previous record's hash".into(),
                 ));
             }
+        }
+        if let Some(n) = p.records_lost {
+            report.records_lost += n;
+            report.loss_events.push(p.seq);
         }
         report.first_seq.get_or_insert(p.seq);
         report.last_seq = Some(p.seq);

@@ -4,19 +4,44 @@
 //! removes files past retention (and records that it did), and resumes the chain after a
 //! crash, truncating a torn last line.
 //!
-//! Request tasks never touch the disk: they hand entries to the channel (`block` waits for
-//! room, `drop` counts and drops when full).
+//! Request tasks never touch the disk, and nothing waits on the log without a bound. There
+//! is one way in, in two forms:
+//! - [`AuditHandle::submit`] for async contexts (the end of a response body, replays): a
+//!   future that hands the entry over at once when the channel has room. Else, under
+//!   `on_full = "block"`, it waits for room for at most `block_timeout` (the `[audit]` key
+//!   `block_timeout_ms`); under `drop` it gives up at once. Dropping it before it is done
+//!   hands the entry to `submit_now`: cancellation never loses a record silently.
+//! - [`AuditHandle::submit_now`] for sync contexts (drop guards, change events): never
+//!   waits and never spawns. On a full channel under `block` the entry goes to ONE
+//!   overflow task through a bounded queue ([`OVERFLOW_CAPACITY`] entries), which waits
+//!   for room until the same `block_timeout` (from the submit) has passed.
+//!
+//! A record that cannot be handed over in time (the bound expired, the overflow queue was
+//! full, `drop` mode with a full channel, or the writer stopped) is lost, and never
+//! silently: it is counted in `breakwater_audit_dropped_total`, logged (at most once a
+//! second) and, once the writer can write again, chained as a `records_lost` event with
+//! the count, which `breakwater audit verify` reports. Under `block`, readiness is off
+//! while the writer cannot write or losses are not yet chained.
+//!
+//! On a dead disk the writer retries a batch for as long as it takes (with backoff), and
+//! the channel fills; the bounds above keep requests moving. At shutdown
+//! [`AuditHandle::close`] waits for the log within a bound; past it, the writer stops
+//! retrying and counts (and logs) what it could not write.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::PollSender;
 
 use super::record::{parse_line, ChainHash, Entry, EventRecord, LineCtx, SCHEMA_V};
 use crate::telemetry;
@@ -46,6 +71,8 @@ pub struct AuditSettings {
     /// Minimum spacing between fsyncs: bounds the fsync rate under load.
     pub fsync_interval: Duration,
     pub fsync_max_records: usize,
+    /// Under `block`: the longest an entry waits for room in the channel.
+    pub block_timeout: Duration,
     pub instance: String,
     /// Where written lines are copied for central collection, if anywhere.
     pub publish: Option<super::AuditPublisher>,
@@ -110,7 +137,12 @@ impl DigestStream {
 enum Msg {
     Entry(Entry),
     Flush(oneshot::Sender<()>),
+    /// Records were lost: chain a `records_lost` event even if nothing else comes.
+    Lost,
 }
+
+/// Entries the overflow task holds for `submit_now` while the channel is full.
+pub const OVERFLOW_CAPACITY: usize = 1024;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -118,6 +150,39 @@ struct Counters {
     written: AtomicU64,
     dropped: AtomicU64,
     errors: AtomicU64,
+    /// Lost and not yet chained as a `records_lost` event.
+    unchained: AtomicU64,
+    /// Set by `close` once its bound expired: the writer stops retrying.
+    closing: AtomicBool,
+    /// When a loss was last logged (ms since the Unix epoch): one line a second at most.
+    last_loss_log_ms: AtomicU64,
+}
+
+impl Counters {
+    /// Counts `n` lost records and makes sure the writer will chain them.
+    fn lose(&self, tx: &mpsc::Sender<Msg>, n: u64, why: &'static str) {
+        let total = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        self.unchained.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(telemetry::AUDIT_DROPPED).increment(n);
+        let _ = tx.try_send(Msg::Lost);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let last = self.last_loss_log_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_loss_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(
+                lost_total = total,
+                why,
+                "decision records lost: the log could not take them in time"
+            );
+        }
+    }
 }
 
 /// The request side of the decision log. One `Arc`: cloning it per request costs one
@@ -127,8 +192,12 @@ pub struct AuditHandle(Arc<HandleInner>);
 
 struct HandleInner {
     tx: mpsc::Sender<Msg>,
+    /// To the overflow task (`submit_now` under `block`); `None` in `drop` mode or when
+    /// the log was started outside a runtime.
+    overflow: Option<mpsc::Sender<(Entry, tokio::time::Instant)>>,
     counters: Arc<Counters>,
     drop_when_full: bool,
+    block_timeout: Duration,
     digester: Digester,
     key_id: String,
     instance: String,
@@ -142,30 +211,130 @@ impl std::fmt::Debug for AuditHandle {
     }
 }
 
+/// The hand-over of one entry from an async context: see [`AuditHandle::submit`].
+#[must_use = "a submission hands the entry over when polled (or dropped)"]
+pub struct Submission(Option<Waiting>);
+
+struct Waiting {
+    handle: AuditHandle,
+    entry: Option<Entry>,
+    sender: PollSender<Msg>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Submission {
+    /// True once the entry is handed over (or counted as lost).
+    pub fn is_done(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl Future for Submission {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(w) = this.0.as_mut() else {
+            return Poll::Ready(());
+        };
+        match w.sender.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => {
+                if let Some(entry) = w.entry.take() {
+                    if w.sender.send_item(Msg::Entry(entry)).is_err() {
+                        w.handle.lose(1, "the writer stopped");
+                    }
+                }
+                this.0 = None;
+                return Poll::Ready(());
+            }
+            Poll::Ready(Err(_)) => {
+                w.entry = None;
+                w.handle.lose(1, "the writer stopped");
+                this.0 = None;
+                return Poll::Ready(());
+            }
+            Poll::Pending => {}
+        }
+        if w.deadline.as_mut().poll(cx).is_ready() {
+            w.entry = None;
+            w.handle
+                .lose(1, "block_timeout_ms passed with the channel full");
+            this.0 = None;
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Submission {
+    fn drop(&mut self) {
+        // Cancelled mid-wait (the client went away, the task was dropped): the entry
+        // keeps the rest of its budget, in the overflow task.
+        if let Some(mut w) = self.0.take() {
+            if let Some(entry) = w.entry.take() {
+                w.handle.submit_by(entry, w.deadline.deadline());
+            }
+        }
+    }
+}
+
 impl AuditHandle {
-    /// Never waits. `Err` gives the entry back when the channel is full in block mode
-    /// (the caller then waits with `submit`); in drop mode a full channel counts a drop.
-    #[allow(clippy::result_large_err)] // gives the entry back by value: see `Msg`
-    pub fn try_submit(&self, entry: Entry) -> Result<(), Entry> {
+    /// Hands `entry` to the writer: at once when the channel has room, else (under
+    /// `block`) the returned future waits for room for at most `block_timeout_ms`, then
+    /// counts the entry as lost. Dropping the future early hands the entry to
+    /// [`AuditHandle::submit_now`]. Never spawns.
+    pub fn submit(&self, entry: Entry) -> Submission {
         match self.0.tx.try_send(Msg::Entry(entry)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Msg::Entry(e))) if !self.0.drop_when_full => Err(e),
-            Err(_) => {
-                self.0.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::AUDIT_DROPPED).increment(1);
-                Ok(())
+            Ok(()) => Submission(None),
+            Err(mpsc::error::TrySendError::Full(Msg::Entry(entry))) if !self.0.drop_when_full => {
+                Submission(Some(Waiting {
+                    handle: self.clone(),
+                    entry: Some(entry),
+                    sender: PollSender::new(self.0.tx.clone()),
+                    deadline: Box::pin(tokio::time::sleep(self.0.block_timeout)),
+                }))
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.lose(1, "the channel was full (on_full = \"drop\")");
+                Submission(None)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.lose(1, "the writer stopped");
+                Submission(None)
             }
         }
     }
 
-    /// Submits, waiting for room in block mode (backpressure: nothing is lost).
-    pub async fn submit(&self, entry: Entry) {
-        if let Err(entry) = self.try_submit(entry) {
-            if self.0.tx.send(Msg::Entry(entry)).await.is_err() {
-                self.0.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::AUDIT_DROPPED).increment(1);
+    /// Hands `entry` over from a context that cannot wait (a drop guard, an event): never
+    /// waits, never spawns. On a full channel under `block` the overflow task waits for
+    /// room within `block_timeout_ms`; see the module docs.
+    pub fn submit_now(&self, entry: Entry) {
+        self.submit_by(entry, tokio::time::Instant::now() + self.0.block_timeout);
+    }
+
+    fn submit_by(&self, entry: Entry, deadline: tokio::time::Instant) {
+        let entry = match self.0.tx.try_send(Msg::Entry(entry)) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(Msg::Entry(entry))) if !self.0.drop_when_full => {
+                entry
             }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return self.lose(1, "the channel was full (on_full = \"drop\")")
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return self.lose(1, "the writer stopped"),
+        };
+        let queued = self
+            .0
+            .overflow
+            .as_ref()
+            .is_some_and(|o| o.try_send((entry, deadline)).is_ok());
+        if !queued {
+            self.lose(1, "the channel and the overflow queue were full");
         }
+    }
+
+    fn lose(&self, n: u64, why: &'static str) {
+        self.0.counters.lose(&self.0.tx, n, why);
     }
 
     /// Records a change event in the chain.
@@ -191,24 +360,36 @@ impl AuditHandle {
             detail,
             prev_hash: String::new(),
         }));
-        if let Err(entry) = self.try_submit(entry) {
-            // Events are rare and must not be lost: wait for room off this thread.
-            let me = self.clone();
-            tokio::spawn(async move { me.submit(entry).await });
-        }
+        self.submit_now(entry);
     }
 
-    /// Waits until everything submitted before this call is written and fsync'd.
-    pub async fn flush(&self) {
+    /// Waits, for at most `within`, until everything submitted before this call is
+    /// written and fsync'd. False when it was not.
+    pub async fn flush(&self, within: Duration) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self.0.tx.send(Msg::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
+        let flushed = async { self.0.tx.send(Msg::Flush(tx)).await.is_ok() && rx.await.is_ok() };
+        tokio::time::timeout(within, flushed).await.unwrap_or(false)
+    }
+
+    /// Shutdown: flushes within `within`; past it (a dead disk), tells the writer to
+    /// stop retrying, so that what it could not write is counted and logged as lost
+    /// instead of holding the process.
+    pub async fn close(&self, within: Duration) {
+        if !self.flush(within).await {
+            self.0.counters.closing.store(true, Ordering::Relaxed);
+            tracing::error!(
+                within_ms = within.as_millis() as u64,
+                "the decision log could not be flushed in time: the records still queued are lost"
+            );
         }
     }
 
-    /// False after a write error, until a write succeeds again.
+    /// False after a write error, until a write succeeds again; under `block` also while
+    /// lost records are not yet chained as a `records_lost` event.
     pub fn is_healthy(&self) -> bool {
-        !self.0.counters.unhealthy.load(Ordering::Relaxed)
+        let c = &self.0.counters;
+        !c.unhealthy.load(Ordering::Relaxed)
+            && (self.0.drop_when_full || c.unchained.load(Ordering::Relaxed) == 0)
     }
 
     pub fn written(&self) -> u64 {
@@ -252,10 +433,20 @@ pub fn start(
     let mut writer = Writer::open(&settings)?;
     let (tx, rx) = mpsc::channel(settings.channel_capacity.max(1));
     let counters = Arc::new(Counters::default());
+    let overflow = match tokio::runtime::Handle::try_current() {
+        Ok(rt) if !settings.on_full_drop => {
+            let (otx, orx) = mpsc::channel(OVERFLOW_CAPACITY);
+            rt.spawn(overflow(orx, tx.clone(), counters.clone()));
+            Some(otx)
+        }
+        _ => None,
+    };
     let handle = AuditHandle(Arc::new(HandleInner {
         tx,
+        overflow,
         counters: counters.clone(),
         drop_when_full: settings.on_full_drop,
+        block_timeout: settings.block_timeout,
         digester,
         key_id: settings.key_id.clone(),
         instance: settings.instance.clone(),
@@ -274,6 +465,22 @@ pub fn start(
         .spawn(move || writer.run(rx, counters))
         .map_err(AuditError::Thread)?;
     Ok((handle, thread))
+}
+
+/// The one overflow task: forwards `submit_now` entries that met a full channel, each
+/// within its deadline. It ends when the last handle is gone.
+async fn overflow(
+    mut rx: mpsc::Receiver<(Entry, tokio::time::Instant)>,
+    tx: mpsc::Sender<Msg>,
+    counters: Arc<Counters>,
+) {
+    while let Some((entry, deadline)) = rx.recv().await {
+        match tokio::time::timeout_at(deadline, tx.reserve()).await {
+            Ok(Ok(permit)) => permit.send(Msg::Entry(entry)),
+            Ok(Err(_)) => counters.lose(&tx, 1, "the writer stopped"),
+            Err(_) => counters.lose(&tx, 1, "block_timeout_ms passed with the channel full"),
+        }
+    }
 }
 
 struct Writer {
@@ -373,6 +580,10 @@ impl Writer {
         buf: &mut Vec<u8>,
         counters: &Counters,
     ) -> bool {
+        let lost = counters.unchained.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            batch.insert(0, Msg::Entry(self.records_lost(lost, counters)));
+        }
         let entries = batch.iter().filter(|m| matches!(m, Msg::Entry(_))).count();
         if entries > 0 {
             self.write_entries(batch, buf, counters);
@@ -385,7 +596,30 @@ impl Writer {
         entries > 0
     }
 
-    /// Writes and fsyncs the entries of `batch`, retrying until it succeeds.
+    /// The event that puts `count` lost records into the chain.
+    fn records_lost(&self, count: u64, counters: &Counters) -> Entry {
+        tracing::warn!(
+            count,
+            "chaining a records_lost event for decision records that were lost"
+        );
+        Entry::Event(Box::new(EventRecord {
+            schema_v: SCHEMA_V,
+            event_id: uuid::Uuid::now_v7().to_string(),
+            ts: super::rfc3339(SystemTime::now()),
+            instance: self.settings.instance.clone(),
+            event: RECORDS_LOST.into(),
+            detail: serde_json::json!({
+                "count": count,
+                "dropped_total": counters.dropped.load(Ordering::Relaxed),
+                "on_full": if self.settings.on_full_drop { "drop" } else { "block" },
+                "block_timeout_ms": self.settings.block_timeout.as_millis() as u64,
+            }),
+            ..Default::default()
+        }))
+    }
+
+    /// Writes and fsyncs the entries of `batch`, retrying until it succeeds, or (once
+    /// `close` gave up waiting) counting them as lost.
     fn write_entries(&mut self, batch: &mut [Msg], buf: &mut Vec<u8>, counters: &Counters) {
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -433,9 +667,16 @@ impl Writer {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
                     counters.unhealthy.store(true, Ordering::Relaxed);
                     metrics::counter!(telemetry::AUDIT_WRITE_ERRORS).increment(1);
-                    tracing::error!(error = %e, path = %self.settings.path.display(), "decision log write failed; retrying (readiness is off)");
                     // A partial write must not leave half a line behind.
                     let _ = self.file.set_len(self.size);
+                    if counters.closing.load(Ordering::Relaxed) {
+                        let n = lost_on_close(batch);
+                        counters.dropped.fetch_add(n, Ordering::Relaxed);
+                        metrics::counter!(telemetry::AUDIT_DROPPED).increment(n);
+                        tracing::error!(error = %e, records = n, "shutting down with the decision log unwritable: records lost");
+                        return;
+                    }
+                    tracing::error!(error = %e, path = %self.settings.path.display(), "decision log write failed; retrying (readiness is off)");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -527,6 +768,22 @@ impl Writer {
         let mut buf = Vec::new();
         self.write_batch(&mut batch, &mut buf, &Counters::default());
     }
+}
+
+/// The event name of a chained loss.
+pub const RECORDS_LOST: &str = "records_lost";
+
+/// Entries of a batch that are lost when it cannot be written at shutdown; a
+/// `records_lost` event's own count was counted when those records were lost.
+fn lost_on_close(batch: &[Msg]) -> u64 {
+    batch
+        .iter()
+        .filter(|m| match m {
+            Msg::Entry(Entry::Event(e)) => e.event != RECORDS_LOST,
+            Msg::Entry(_) => true,
+            _ => false,
+        })
+        .count() as u64
 }
 
 fn rotated_name(path: &Path, suffix: &str) -> PathBuf {
@@ -627,6 +884,7 @@ mod tests {
             channel_capacity: 1024,
             fsync_interval: interval,
             fsync_max_records: max,
+            block_timeout: Duration::from_secs(1),
             instance: "test".into(),
             publish: None,
         }
@@ -649,9 +907,10 @@ mod tests {
         for i in 0..10 {
             handle.submit(decision(i)).await;
         }
-        tokio::time::timeout(Duration::from_secs(20), handle.flush())
-            .await
-            .expect("the flush waited for the fsync interval");
+        assert!(
+            handle.flush(Duration::from_secs(20)).await,
+            "the flush waited for the fsync interval"
+        );
         assert_eq!(handle.written(), 10);
         drop(handle);
         thread.join().unwrap();

@@ -153,6 +153,9 @@ pub enum FallbackConfig {
         ttl: Duration,
         max_entries: usize,
         max_bytes: u64,
+        /// Request headers the answer depends on (default: the credentials and the
+        /// variants' sticky headers): part of the cache key.
+        vary_headers: Vec<http::HeaderName>,
     },
     Upstream {
         upstream: String,
@@ -202,6 +205,8 @@ pub struct AuditConfig {
     pub rotate_bytes: u64,
     pub retention_days: u32,
     pub on_full_drop: bool,
+    /// Under `block`: the longest a record waits for room before it is counted as lost.
+    pub block_timeout: Duration,
     pub channel_capacity: usize,
     pub fsync_interval: Duration,
     pub fsync_max_records: usize,

@@ -119,6 +119,7 @@ pub struct RawFallback {
     pub ttl_s: Option<u64>,
     pub max_entries: Option<usize>,
     pub max_bytes: Option<u64>,
+    pub vary_headers: Option<Vec<String>>,
     // upstream
     pub upstream: Option<String>,
     pub timeout_ms: Option<u64>,
@@ -159,6 +160,7 @@ pub struct RawAudit {
     pub rotate_bytes: Option<u64>,
     pub retention_days: Option<u32>,
     pub on_full: Option<String>,
+    pub block_timeout_ms: Option<u64>,
     pub channel_capacity: Option<usize>,
     pub fsync_interval_ms: Option<u64>,
     pub fsync_max_records: Option<usize>,

@@ -516,7 +516,7 @@ fn validate_route(
 
     let mut fallback = Vec::new();
     for (j, f) in r.fallback.iter().enumerate() {
-        if let Some(fb) = validate_fallback(e, &format!("{p}.fallback[{j}]"), f, upstreams) {
+        if let Some(fb) = validate_fallback(e, &format!("{p}.fallback[{j}]"), f, upstreams, r) {
             fallback.push(fb);
         }
     }
@@ -603,11 +603,54 @@ fn validate_route(
     })
 }
 
+/// The headers a cached answer varies on: as configured, or by default the credentials
+/// (so one user's answer never reaches another) and the variants' sticky headers (the
+/// same key picks the same variant, and so the same answer). An invalid sticky header is
+/// reported where the variant is validated.
+fn cache_vary_headers(
+    e: &mut Errors,
+    p: &str,
+    f: &RawFallback,
+    route: &RawRoute,
+) -> Vec<http::HeaderName> {
+    let mut out: Vec<http::HeaderName> = Vec::new();
+    let mut add = |h: http::HeaderName| {
+        if !out.contains(&h) {
+            out.push(h);
+        }
+    };
+    match &f.vary_headers {
+        Some(list) => {
+            for (i, h) in list.iter().enumerate() {
+                match http::HeaderName::from_str(h) {
+                    Ok(h) => add(h),
+                    Err(_) => e.add(format!("{p}.vary_headers[{i}]"), "not a valid header name"),
+                }
+            }
+        }
+        None => {
+            add(http::header::AUTHORIZATION);
+            add(http::header::COOKIE);
+            for v in &route.variants {
+                if let Some(h) = v
+                    .sticky_header
+                    .as_deref()
+                    .and_then(|h| http::HeaderName::from_str(h).ok())
+                {
+                    add(h);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn validate_fallback(
     e: &mut Errors,
     p: &str,
     f: &RawFallback,
     upstreams: &HashSet<&str>,
+    route: &RawRoute,
 ) -> Option<FallbackConfig> {
     // Keys that belong to another kind are a mistake worth reporting, not ignoring.
     let stray = |present: &[(&str, bool)], e: &mut Errors| {
@@ -639,6 +682,7 @@ fn validate_fallback(
                 ttl: Duration::from_secs(ttl_s),
                 max_entries: f.max_entries.unwrap_or(10_000),
                 max_bytes: f.max_bytes.unwrap_or(64 * MIB),
+                vary_headers: cache_vary_headers(e, p, f, route),
             })
         }
         "upstream" => {
@@ -647,6 +691,7 @@ fn validate_fallback(
                     ("ttl_s", f.ttl_s.is_some()),
                     ("max_entries", f.max_entries.is_some()),
                     ("max_bytes", f.max_bytes.is_some()),
+                    ("vary_headers", f.vary_headers.is_some()),
                     ("status", f.status.is_some()),
                     ("body", f.body.is_some()),
                     ("body_file", f.body_file.is_some()),
@@ -677,6 +722,7 @@ fn validate_fallback(
                     ("ttl_s", f.ttl_s.is_some()),
                     ("max_entries", f.max_entries.is_some()),
                     ("max_bytes", f.max_bytes.is_some()),
+                    ("vary_headers", f.vary_headers.is_some()),
                     ("upstream", f.upstream.is_some()),
                     ("timeout_ms", f.timeout_ms.is_some()),
                 ],
@@ -771,6 +817,7 @@ fn validate_audit(e: &mut Errors, a: &RawAudit) -> Option<AuditConfig> {
         rotate_bytes,
         retention_days,
         on_full_drop,
+        block_timeout: positive_ms(e, a.block_timeout_ms, 1000, "audit.block_timeout_ms"),
         channel_capacity,
         fsync_interval: positive_ms(e, a.fsync_interval_ms, 10, "audit.fsync_interval_ms"),
         fsync_max_records: a.fsync_max_records.unwrap_or(256).max(1),
@@ -880,5 +927,51 @@ fn validate_dlq(e: &mut Errors, d: &RawDlq) -> DlqConfig {
             .results_exchange
             .clone()
             .unwrap_or_else(|| "breakwater.results".into()),
+    }
+}
+
+#[cfg(test)]
+mod vary_tests {
+    use super::*;
+
+    fn cache_vary(fallback: &str, variants: &str) -> Result<Vec<String>, ConfigErrors> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstreams.ai]\nurl = \"http://127.0.0.1:1\"\n[upstreams.v2]\nurl = \"http://127.0.0.1:2\"\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"ai\"\n\
+             [[routes.fallback]]\nkind = \"cache\"\n{fallback}\n{variants}"
+        );
+        let cfg = Config::from_toml(&text)?;
+        Ok(cfg.routes[0]
+            .fallback
+            .iter()
+            .find_map(|f| match f {
+                FallbackConfig::Cache { vary_headers, .. } => {
+                    Some(vary_headers.iter().map(|h| h.to_string()).collect())
+                }
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
+    #[test]
+    fn the_cache_varies_on_credentials_and_sticky_headers_unless_told_otherwise() {
+        let sticky = "[[routes.variants]]\nname = \"v2\"\nupstream = \"v2\"\nweight = 5\nsticky_header = \"X-Student-Id\"\n";
+        assert_eq!(cache_vary("", "").unwrap(), ["authorization", "cookie"]);
+        assert_eq!(
+            cache_vary("", sticky).unwrap(),
+            ["authorization", "cookie", "x-student-id"]
+        );
+        assert_eq!(
+            cache_vary("vary_headers = [\"X-Tenant\"]", sticky).unwrap(),
+            ["x-tenant"]
+        );
+        assert!(cache_vary("vary_headers = []", "").unwrap().is_empty());
+        let err = cache_vary("vary_headers = [\"bad header\"]", "").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("routes[0].fallback[0].vary_headers[0]"),
+            "{err}"
+        );
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::breaker::{CachedResponse, ResponseCache};
@@ -41,14 +40,11 @@ impl Fallback {
     }
 
     /// Tries to answer; `None` when this step has nothing (cache miss, rules engine down).
-    pub async fn answer(
-        &self,
-        req: &ProxyRequest,
-        key: &[u8; 32],
-    ) -> Option<http::Response<ProxyBody>> {
+    /// The cache looks up by its own key (see `ResponseCache::key`: it varies on who asks).
+    pub async fn answer(&self, req: &ProxyRequest) -> Option<http::Response<ProxyBody>> {
         match self {
             Fallback::Cache(cache) => {
-                let hit = cache.get(key, Instant::now())?;
+                let hit = cache.get(&cache.key(&req.http), Instant::now())?;
                 Some(cached_response(hit))
             }
             Fallback::Upstream { upstream, timeout } => {
@@ -95,25 +91,6 @@ fn cached_response(hit: CachedResponse) -> http::Response<ProxyBody> {
     *resp.status_mut() = http::StatusCode::from_u16(hit.status).unwrap_or(http::StatusCode::OK);
     *resp.headers_mut() = hit.headers;
     resp
-}
-
-/// The request digest the answer cache is keyed by: method, path with query, and body.
-/// (Magento puts the student / basket in the query or the body.)
-pub fn request_key(req: &ProxyRequest) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(req.http.method().as_str().as_bytes());
-    h.update([0]);
-    h.update(
-        req.http
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .as_bytes(),
-    );
-    h.update([0]);
-    h.update(req.http.body());
-    h.finalize().into()
 }
 
 /// What the cache keeps of an AI answer: status, the headers a client needs, the body.

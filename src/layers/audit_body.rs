@@ -1,18 +1,19 @@
 //! The response body seen by the decision log: digests what streams to the client and
-//! writes the decision record when the body ends (or the client goes away). In `block`
-//! mode the end of the body waits for room in the log's channel: backpressure, nothing
-//! lost. The request path never waits on the disk itself.
+//! hands the decision record over when the body ends (or the client goes away). In
+//! `block` mode, when the log's channel is full, the last frame (or the end) is held back
+//! until the record is handed over, for at most `[audit] block_timeout_ms`: backpressure
+//! with a bound. A body dropped meanwhile hands its record on through the submission's
+//! drop, so no record is ever lost uncounted. The request path never waits on the disk.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::audit::{AuditHandle, Decision, DigestStream, Entry};
+use crate::audit::{AuditHandle, Decision, DigestStream, Entry, Submission};
 use crate::proxy::types::{BoxError, ProxyBody};
 
 /// A record waiting for its body to end.
@@ -22,6 +23,10 @@ pub struct Pending {
     pub started: tokio::time::Instant,
 }
 
+/// A hand-over in progress, and what the body holds back until it is done: the last
+/// frame, or (`None`) the end of the body.
+type HandingOver = (Submission, Option<Frame<Bytes>>);
+
 pin_project! {
     pub struct AuditBody {
         #[pin]
@@ -29,22 +34,16 @@ pin_project! {
         handle: AuditHandle,
         digest: Option<DigestStream>,
         pending: Option<Pending>,
-        // In a Mutex only to make the body `Sync` (hyper's boxed body needs it); never
-        // contended: only this body polls it.
-        submitting: Option<Mutex<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+        handing_over: Option<HandingOver>,
     }
 
     impl PinnedDrop for AuditBody {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            // The client went away before the end: record what was sent.
+            // The client went away before the end: record what was sent. (A hand-over in
+            // progress passes its record on when `handing_over` drops.)
             if let Some(entry) = finish(this.pending, this.digest, this.handle) {
-                if let Err(entry) = this.handle.try_submit(entry) {
-                    let handle = this.handle.clone();
-                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                        rt.spawn(async move { handle.submit(entry).await });
-                    }
-                }
+                this.handle.submit_now(entry);
             }
         }
     }
@@ -58,7 +57,7 @@ impl AuditBody {
             handle,
             digest,
             pending: Some(pending),
-            submitting: None,
+            handing_over: None,
         }
     }
 }
@@ -77,6 +76,20 @@ fn finish(
     Some(Entry::Decision(record))
 }
 
+/// Polls the hand-over; when done, releases what it held back.
+fn poll_handing_over(
+    slot: &mut Option<HandingOver>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    let Some((sub, _)) = slot.as_mut() else {
+        return Poll::Ready(None);
+    };
+    match Pin::new(sub).poll(cx) {
+        Poll::Ready(()) => Poll::Ready(slot.take().and_then(|(_, held)| held).map(Ok)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 impl Body for AuditBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -86,66 +99,40 @@ impl Body for AuditBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        if let Some(fut) = this.submitting.as_mut() {
-            let Ok(fut) = fut.get_mut() else {
-                return Poll::Ready(None);
-            };
-            return match fut.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    *this.submitting = None;
-                    Poll::Ready(None)
-                }
-                Poll::Pending => Poll::Pending,
-            };
+        if this.handing_over.is_some() {
+            return poll_handing_over(this.handing_over, cx);
         }
-        match this.inner.as_mut().poll_frame(cx) {
+        let (frame, ended) = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(d), Some(data)) = (this.digest.as_mut(), frame.data_ref()) {
                     d.update(data);
                 }
-                // The last frame: hand the record over now, so the body reports its end
-                // with this frame and hyper writes the response in one go.
-                if this.inner.is_end_stream() {
-                    if let Some(entry) = finish(this.pending, this.digest, this.handle) {
-                        if let Err(entry) = this.handle.try_submit(entry) {
-                            let handle = this.handle.clone();
-                            *this.submitting =
-                                Some(Mutex::new(Box::pin(
-                                    async move { handle.submit(entry).await },
-                                )));
-                        }
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+                let last = this.inner.is_end_stream();
+                (Some(frame), last)
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => {
-                let Some(entry) = finish(this.pending, this.digest, this.handle) else {
-                    return Poll::Ready(None);
-                };
-                match this.handle.try_submit(entry) {
-                    Ok(()) => Poll::Ready(None),
-                    Err(entry) => {
-                        let handle = this.handle.clone();
-                        let mut fut: Pin<Box<dyn Future<Output = ()> + Send>> =
-                            Box::pin(async move { handle.submit(entry).await });
-                        match fut.as_mut().poll(cx) {
-                            Poll::Ready(()) => Poll::Ready(None),
-                            Poll::Pending => {
-                                *this.submitting = Some(Mutex::new(fut));
-                                Poll::Pending
-                            }
-                        }
-                    }
-                }
-            }
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => (None, true),
+            other => return other,
+        };
+        if !ended {
+            return Poll::Ready(frame.map(Ok));
         }
+        // The end: hand the record over before the last frame goes out, so the server
+        // cannot drop the body (it does once the last byte of a known length is written)
+        // with the record still waiting.
+        let Some(entry) = finish(this.pending, this.digest, this.handle) else {
+            return Poll::Ready(frame.map(Ok));
+        };
+        let sub = this.handle.submit(entry);
+        if sub.is_done() {
+            return Poll::Ready(frame.map(Ok));
+        }
+        *this.handing_over = Some((sub, frame));
+        poll_handing_over(this.handing_over, cx)
     }
 
     fn is_end_stream(&self) -> bool {
         // Not over until the record is handed over: hyper polls once more for it.
-        self.pending.is_none() && self.submitting.is_none() && self.inner.is_end_stream()
+        self.pending.is_none() && self.handing_over.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

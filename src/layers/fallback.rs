@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
 use crate::breaker::ResponseCache;
-use crate::fallback::{request_key, to_cached, Fallback};
+use crate::fallback::{to_cached, Fallback};
 use crate::proxy::error::ProxyError;
 use crate::proxy::types::{ProxyRequest, ProxyResponse, Source};
 
@@ -81,7 +81,7 @@ where
                         if resp.source == Source::Ai && resp.http.status().is_success() {
                             let (parts, b) = resp.http.into_parts();
                             cache.put(
-                                request_key(&req),
+                                cache.key(&req.http),
                                 to_cached(&parts, body.clone()),
                                 tokio::time::Instant::now(),
                             );
@@ -93,9 +93,8 @@ where
                 }
                 Err(err) => {
                     req.meta.facts().failure = Some(err.reason());
-                    let key = request_key(&req);
                     for step in chain.iter() {
-                        if let Some(http) = step.answer(&req, &key).await {
+                        if let Some(http) = step.answer(&req).await {
                             return Ok(ProxyResponse {
                                 http,
                                 source: Source::Fallback {

@@ -378,7 +378,7 @@ impl Exchange {
             record.ts_end = std::time::SystemTime::now();
             record.latency_us = meta.received_at.elapsed().as_micros() as u64;
             record.input_digest = Some(audit.ctx.handle.digester().digest(&audit.input));
-            submit_detached(&audit.ctx.handle, Entry::Decision(record));
+            audit.ctx.handle.submit_now(Entry::Decision(record));
         }));
     }
 }
@@ -387,16 +387,6 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         if !self.finished {
             self.cancelled();
-        }
-    }
-}
-
-/// Hands a record to the log from a context that cannot wait (a drop).
-fn submit_detached(handle: &AuditHandle, entry: Entry) {
-    if let Err(entry) = handle.try_submit(entry) {
-        let handle = handle.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { handle.submit(entry).await });
         }
     }
 }

@@ -84,8 +84,12 @@ pub struct RouteState {
     pub ai: Arc<AiSwitch>,
     pub canary: Arc<CanaryRoute>,
     budget: Option<(RetryConfig, Arc<RetryBudget>)>,
-    cache: Option<((Duration, usize, u64), Arc<ResponseCache>)>,
+    cache: Option<(CacheKey, Arc<ResponseCache>)>,
 }
+
+/// The settings a route's answer cache is kept across reloads for: TTL, entries, bytes and
+/// the headers it varies on.
+type CacheKey = (Duration, usize, u64, Vec<http::HeaderName>);
 
 /// State that outlives a config generation: connection pools, bulkheads and route state.
 #[derive(Default)]
@@ -215,13 +219,17 @@ impl Shared {
                 ttl,
                 max_entries,
                 max_bytes,
+                vary_headers,
             } => {
-                let key = (*ttl, *max_entries, *max_bytes);
+                let key = (*ttl, *max_entries, *max_bytes, vary_headers.clone());
                 Some(match prev.and_then(|p| p.cache.as_ref()) {
                     Some((old, cache)) if *old == key => (key, cache.clone()),
                     _ => (
                         key,
-                        Arc::new(ResponseCache::new(*max_entries, *max_bytes, *ttl)),
+                        Arc::new(
+                            ResponseCache::new(*max_entries, *max_bytes, *ttl)
+                                .vary_on(vary_headers.clone()),
+                        ),
                     ),
                 })
             }

@@ -235,8 +235,6 @@ impl ReplayTarget for ProxyReplay {
             )
         };
         let entry = Entry::Decision(record);
-        if let Err(entry) = audit.try_submit(entry) {
-            tokio::spawn(async move { audit.submit(entry).await });
-        }
+        audit.submit_now(entry);
     }
 }
