@@ -531,3 +531,105 @@ async fn kill_9_mid_burst_then_restart_delivers_every_acknowledged_message() {
     );
     rabbit::cleanup(&ch, &route).await;
 }
+
+// ---- spool helper (issue 13, items 8, 11, 13) ----
+
+/// An `[audit]` section with `redact_headers` left out.
+fn audit_section(dir: &std::path::Path) -> String {
+    let key = dir.join("audit.key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    format!(
+        "[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\n",
+        dir.join("audit/decisions.jsonl").display(),
+        key.display()
+    )
+}
+
+const CREDENTIALS: [(&str, &str); 3] = [
+    ("authorization", "Bearer cred-authz-7f3a"),
+    ("cookie", "PHPSESSID=cred-cookie-91b2"),
+    ("proxy-authorization", "Basic cred-proxy-55c0"),
+];
+
+async fn post_with_credentials(proxy: &TestProxy, body: &str) -> Reply {
+    let mut req = http::Request::post(proxy.url("/v1/grading")).header("x-student-id", "s-42");
+    for (k, v) in CREDENTIALS {
+        req = req.header(k, v);
+    }
+    proxy
+        .send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+}
+
+fn spool_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in walk(dir) {
+        all.extend(std::fs::read(e).unwrap());
+    }
+    all
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn leaked(bytes: &[u8]) -> Vec<&'static str> {
+    let text = String::from_utf8_lossy(bytes);
+    CREDENTIALS
+        .iter()
+        .filter(|(_, v)| text.contains(v.split_once(['=', ' ']).unwrap().1))
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+#[tokio::test]
+async fn credentials_never_reach_the_spool_or_rabbitmq_with_audit_redaction_left_empty() {
+    let _serial = SERIAL.lock().await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    // Spool only: the message stays on disk, where we read its raw bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), false, "") + &audit_section(dir.path());
+    let proxy = TestProxy::start(&cfg).await;
+    let r = post_with_credentials(&proxy, "{\"essay\":\"spooled\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    proxy.stop().await;
+    let raw = spool_bytes(&dir.path().join("spool"));
+    assert!(String::from_utf8_lossy(&raw).contains("s-42"), "the message is not in the spool");
+    assert_eq!(leaked(&raw), Vec::<&str>::new(), "credentials in the spool");
+
+    if !available().await {
+        return;
+    }
+    // With a broker: the message as RabbitMQ holds it.
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), true, "") + &audit_section(dir.path());
+    let proxy = TestProxy::start(&cfg).await;
+    let r = post_with_credentials(&proxy, "{\"essay\":\"queued\"}").await;
+    assert!(r.header("x-breakwater-dlq").is_some());
+    let (conn, ch) = rabbit::channel().await;
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await, 1);
+    let msgs = rabbit::drain(&ch, &queue).await;
+    assert_eq!(msgs.len(), 1);
+    let data = &msgs[0].delivery.data;
+    assert!(String::from_utf8_lossy(data).contains("s-42"));
+    assert_eq!(leaked(data), Vec::<&str>::new(), "credentials in RabbitMQ");
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
