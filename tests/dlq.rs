@@ -364,8 +364,9 @@ async fn spool_only_mode_keeps_messages_reports_a_corrupt_record_and_replays_the
         })
         .unwrap();
     let mut data = std::fs::read(&seg).unwrap();
-    let first_len = u32::from_le_bytes(data[0..4].try_into().unwrap()) as usize;
-    let second_payload = 24 + first_len + 24 + 10;
+    // Record: magic(4) len(4) msg_id(16) crc(4) header crc(4) payload.
+    let first_len = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
+    let second_payload = 32 + first_len + 32 + 10;
     data[second_payload] ^= 0x55;
     std::fs::write(&seg, &data).unwrap();
     let out = std::process::Command::new(breakwater_bin())
@@ -632,4 +633,29 @@ async fn credentials_never_reach_the_spool_or_rabbitmq_with_audit_redaction_left
     assert_eq!(leaked(data), Vec::<&str>::new(), "credentials in RabbitMQ");
     proxy.stop().await;
     rabbit::cleanup(&ch, &route).await;
+}
+
+#[test]
+fn a_body_limit_larger_than_a_spool_record_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |max: u64| {
+        let cfg = simple_config("http://127.0.0.1:9", "replayable = true\n", "").replace(
+            "watch_config = true\n",
+            &format!("watch_config = true\nmax_body_bytes = {max}\n"),
+        );
+        let path = dir.path().join("bw.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let out = std::process::Command::new(breakwater_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(100 << 20);
+    assert!(!ok && text.contains("server.max_body_bytes"), "{text}");
+    let (ok, text) = check(breakwater::dlq::envelope::MAX_SPOOLED_BODY);
+    assert!(ok, "{text}");
 }

@@ -353,7 +353,9 @@ async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: Cance
             let Some(payload) = record.payload.clone() else {
                 tracing::error!(
                     segment = record.segment,
-                    offset = record.end,
+                    from = record.start,
+                    to = record.end,
+                    damage = ?record.damage,
                     "corrupt DLQ spool record skipped"
                 );
                 metrics::counter!(telemetry::DLQ_MESSAGES, "route" => "", "result" => "corrupt")
