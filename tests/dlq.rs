@@ -610,7 +610,10 @@ async fn credentials_never_reach_the_spool_or_rabbitmq_with_audit_redaction_left
     assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
     proxy.stop().await;
     let raw = spool_bytes(&dir.path().join("spool"));
-    assert!(String::from_utf8_lossy(&raw).contains("s-42"), "the message is not in the spool");
+    assert!(
+        String::from_utf8_lossy(&raw).contains("s-42"),
+        "the message is not in the spool"
+    );
     assert_eq!(leaked(&raw), Vec::<&str>::new(), "credentials in the spool");
 
     if !available().await {
@@ -625,7 +628,10 @@ async fn credentials_never_reach_the_spool_or_rabbitmq_with_audit_redaction_left
     assert!(r.header("x-breakwater-dlq").is_some());
     let (conn, ch) = rabbit::channel().await;
     let queue = format!("breakwater.dlq.{route}");
-    assert_eq!(rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await, 1);
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
+        1
+    );
     let msgs = rabbit::drain(&ch, &queue).await;
     assert_eq!(msgs.len(), 1);
     let data = &msgs[0].delivery.data;
@@ -658,4 +664,146 @@ fn a_body_limit_larger_than_a_spool_record_is_a_config_error() {
     assert!(!ok && text.contains("server.max_body_bytes"), "{text}");
     let (ok, text) = check(breakwater::dlq::envelope::MAX_SPOOLED_BODY);
     assert!(ok, "{text}");
+}
+
+/// Two replayable routes in spool-only mode, each with its own AI: `a` on /a, `b` on /b.
+fn two_routes_config(a: &MockAi, b: &MockAi, dir: &std::path::Path, attempts: u32) -> String {
+    let route = |name: &str| {
+        format!(
+            "[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"ai_{name}\"\ntimeout_ms = 2000\nreplayable = true\n[routes.breaker]\nconsecutive_failures = 1\nopen_ms = 600000\nopen_max_ms = 600000\n{STATIC_FB}\n"
+        )
+    };
+    format!(
+        "{}\n[upstreams.ai_a]\nurl = \"{}\"\n[upstreams.ai_b]\nurl = \"{}\"\n\n{}{}[dlq]\nspool_dir = \"{}\"\nreplay_rate_per_s = 200\nmax_replay_attempts = {attempts}\n",
+        server_section(),
+        a.url(),
+        b.url(),
+        route("a"),
+        route("b"),
+        dir.join("spool").display()
+    )
+}
+
+async fn set_breaker(proxy: &TestProxy, route: &str, state: &str) {
+    let r = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/breaker"),
+            &format!("{{\"state\":\"{state}\"}}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+async fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    f()
+}
+
+fn inspect_text(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(breakwater_bin())
+        .args(["spool", "inspect"])
+        .arg(dir.join("spool"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn replays(ai: &MockAi) -> u64 {
+    ai.count_by_header("idempotency-key").values().sum()
+}
+
+#[tokio::test]
+async fn spool_only_a_poison_message_of_one_route_blocks_no_other_and_is_parked_then_requeued() {
+    let _serial = SERIAL.lock().await;
+    let (ai_a, ai_b) = (MockAi::start().await, MockAi::start().await);
+    ai_a.set_error_rate(1.0, 500);
+    ai_b.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&two_routes_config(&ai_a, &ai_b, dir.path(), 3)).await;
+    // a's message is first in the spool, b's behind it; both breakers are now open.
+    let r = proxy.post("/a/grade", "{\"essay\":\"poison\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    let r = proxy.post("/b/grade", "{\"essay\":\"fine\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+
+    // b recovers while a stays down (breaker open): b's message is replayed anyway.
+    ai_b.outage(false).await;
+    set_breaker(&proxy, "b", "forced_closed").await;
+    assert!(
+        wait_until(Duration::from_secs(5), || replays(&ai_b) >= 1).await,
+        "route b's message was never replayed: held back by route a's"
+    );
+    assert_eq!(replays(&ai_a), 0, "a's breaker is open: no replay");
+
+    // a's AI keeps failing: after max_replay_attempts the message is parked, and listed.
+    set_breaker(&proxy, "a", "forced_closed").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || inspect_text(dir.path())
+            .contains("1 parked"))
+        .await,
+        "{}",
+        inspect_text(dir.path())
+    );
+    assert_eq!(replays(&ai_a), 3);
+    let text = inspect_text(dir.path());
+    assert!(
+        text.contains("PARKED") && text.contains("after 3 attempt"),
+        "{text}"
+    );
+    assert!(text.contains(" a "), "{text}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(replays(&ai_a), 3, "a parked message is not replayed");
+
+    // The operator fixes a and requeues: the message is replayed once more, and succeeds.
+    ai_a.recover();
+    let r = proxy
+        .admin_post("/admin/dlq/parked/requeue?route=a", "", None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["requeued"], 1);
+    assert!(
+        wait_until(Duration::from_secs(5), || replays(&ai_a) >= 4).await,
+        "the requeued message was not replayed"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(replays(&ai_a), 4);
+    assert_eq!(replays(&ai_b), 1);
+    proxy.stop().await;
+    let text = inspect_text(dir.path());
+    assert!(
+        text.contains("0 parked") && text.contains("0 pending"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn spool_only_a_non_retryable_answer_parks_at_once() {
+    let _serial = SERIAL.lock().await;
+    let (ai_a, ai_b) = (MockAi::start().await, MockAi::start().await);
+    ai_a.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&two_routes_config(&ai_a, &ai_b, dir.path(), 5)).await;
+    let r = proxy.post("/a/grade", "{\"essay\":\"bad\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    ai_a.outage(false).await;
+    ai_a.set_error_rate(1.0, 422);
+    set_breaker(&proxy, "a", "forced_closed").await;
+    assert!(
+        wait_until(Duration::from_secs(5), || inspect_text(dir.path())
+            .contains("1 parked"))
+        .await,
+        "{}",
+        inspect_text(dir.path())
+    );
+    assert_eq!(replays(&ai_a), 1, "a 4xx answer is not retried");
+    assert!(inspect_text(dir.path()).contains("422"));
+    proxy.stop().await;
 }

@@ -38,8 +38,7 @@ const ENVELOPE_OVERHEAD: u64 = 1 << 20;
 
 /// The largest request body whose dead letter fits one spool record: the body is stored
 /// base64-encoded (4 bytes per 3). `server.max_body_bytes` may not exceed it.
-pub const MAX_SPOOLED_BODY: u64 =
-    (super::spool::MAX_PAYLOAD as u64 - ENVELOPE_OVERHEAD) / 4 * 3;
+pub const MAX_SPOOLED_BODY: u64 = (super::spool::MAX_PAYLOAD as u64 - ENVELOPE_OVERHEAD) / 4 * 3;
 
 /// Client credentials: never stored in a dead letter. `redact_headers` adds to these; an
 /// empty list must not put a user's session into the spool and RabbitMQ.

@@ -85,6 +85,33 @@ impl SpoolState {
     pub fn segment_count(&self) -> usize {
         self.segments.lock().map(|s| s.len()).unwrap_or(0)
     }
+
+    /// The durable records after `pos` (about `max_bytes` of them, at least one), without
+    /// moving anything: for readers that keep their own position (the per-route lanes of
+    /// spool-only mode).
+    pub fn read_after(&self, pos: Position, max_bytes: u64) -> std::io::Result<Vec<StoredRecord>> {
+        let segments: Vec<Segment> = match self.segments.lock() {
+            Ok(s) => s.iter().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        for seg in segments {
+            let start = match seg.id.cmp(&pos.0) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => pos.1,
+                std::cmp::Ordering::Greater => 0,
+            };
+            if start >= seg.durable_len {
+                continue;
+            }
+            let to = seg.durable_len.min(start + max_bytes.max(1 << 16));
+            let mut records = read_range(&self.dir, seg.id, start, to, to == seg.durable_len)?;
+            if records.is_empty() {
+                records = read_range(&self.dir, seg.id, start, seg.durable_len, true)?;
+            }
+            return Ok(records);
+        }
+        Ok(Vec::new())
+    }
 }
 
 struct Append {
@@ -370,6 +397,15 @@ pub fn read_range(
     Ok(parse_records(segment, from, &buf, complete, legacy).0)
 }
 
+/// The sound payloads of a file framed like a v2 segment (the parked area).
+pub(crate) fn parse_plain(data: &[u8]) -> Vec<Bytes> {
+    parse_records(0, 0, data, true, false)
+        .0
+        .into_iter()
+        .filter_map(|r| r.payload)
+        .collect()
+}
+
 fn parse_file(id: u64, data: &[u8]) -> Vec<StoredRecord> {
     parse_records(id, 0, data, true, is_legacy(data)).0
 }
@@ -444,7 +480,10 @@ pub fn open(settings: SpoolSettings) -> Result<(SpoolWriter, Recovery), SpoolErr
         let corrupt = counted.iter().filter(|r| r.damage.is_some()).count() as u64;
         recovery.records += counted.len() as u64 - corrupt;
         recovery.corrupt += corrupt;
-        for r in counted.iter().filter(|r| r.damage == Some(Damage::Unframed)) {
+        for r in counted
+            .iter()
+            .filter(|r| r.damage == Some(Damage::Unframed))
+        {
             tracing::error!(
                 segment = id,
                 from = r.start,
@@ -736,6 +775,34 @@ impl SpoolReader {
         Ok(())
     }
 
+    pub fn cursor(&self) -> Position {
+        self.cursor
+    }
+
+    /// Marks everything up to `pos` as handed on and deletes the segments that are then
+    /// wholly handed on (what `next_batch` does for the in-order drain).
+    pub fn release(&mut self, pos: Position) -> std::io::Result<()> {
+        self.advance(pos);
+        loop {
+            let front = match self.state.segments.lock() {
+                Ok(s) => s.front().cloned(),
+                Err(_) => None,
+            };
+            let Some(seg) = front else { return Ok(()) };
+            if self.cursor < (seg.id, seg.durable_len) {
+                return Ok(());
+            }
+            if !seg.sealed {
+                if seg.durable_len > 0 {
+                    self.state.roll_requested.store(true, Ordering::Relaxed);
+                }
+                self.state.oldest_ms.store(0, Ordering::Relaxed);
+                return Ok(());
+            }
+            self.remove_front(seg.id)?;
+        }
+    }
+
     /// Marks everything up to `pos` as handed on.
     pub fn advance(&mut self, pos: Position) {
         if pos > self.cursor {
@@ -755,6 +822,8 @@ pub struct SpoolReport {
     pub pending: u64,
     pub corrupt: u64,
     pub bytes: u64,
+    /// Messages parked locally (spool-only mode), waiting for a requeue.
+    pub parked: Vec<super::parked::Parked>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -799,6 +868,7 @@ pub fn inspect(dir: &Path) -> std::io::Result<SpoolReport> {
         pending: 0,
         corrupt: 0,
         bytes: 0,
+        parked: super::parked::list(dir)?,
     };
     let ids = list_segments(dir)?;
     let last_id = ids.last().copied();
@@ -867,12 +937,13 @@ impl SpoolReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "spool {}: {} segment(s), {} bytes, {} pending, {} corrupt, cursor {}:{}",
+            "spool {}: {} segment(s), {} bytes, {} pending, {} corrupt, {} parked, cursor {}:{}",
             self.dir,
             self.segments.len(),
             self.bytes,
             self.pending,
             self.corrupt,
+            self.parked.len(),
             self.cursor.0,
             self.cursor.1
         );
@@ -920,6 +991,24 @@ impl SpoolReport {
                     out,
                     "{:<8} {} byte(s) of a torn record at the end",
                     s.id, s.torn_tail_bytes
+                );
+            }
+        }
+        if !self.parked.is_empty() {
+            let _ = writeln!(
+                out,
+                "PARKED (requeue: POST /admin/dlq/parked/requeue?route=NAME)\n{:<38} {:<16} {:<38} {:<28} REASON",
+                "MSG ID", "ROUTE", "REQUEST ID", "PARKED AT"
+            );
+            for p in &self.parked {
+                let _ = writeln!(
+                    out,
+                    "{:<38} {:<16} {:<38} {:<28} {}",
+                    p.envelope.msg_id,
+                    p.envelope.route,
+                    p.envelope.request_id,
+                    p.parked_at,
+                    p.reason
                 );
             }
         }
@@ -1022,9 +1111,12 @@ mod tests {
         {
             let (w, _) = open(settings(dir, 1 << 30)).unwrap();
             for i in 0..3u8 {
-                w.append([i + 1; 16], Bytes::from(format!("payload-{i}-{}", "z".repeat(40))))
-                    .await
-                    .unwrap();
+                w.append(
+                    [i + 1; 16],
+                    Bytes::from(format!("payload-{i}-{}", "z".repeat(40))),
+                )
+                .await
+                .unwrap();
             }
         }
         let data = std::fs::read(segment_path(dir, 1)).unwrap();
@@ -1055,7 +1147,11 @@ mod tests {
             let report = inspect(dir.path()).unwrap();
             assert_eq!(report.pending, 2, "bit {bit}: {}", report.table());
             assert_eq!(report.corrupt, 1, "bit {bit}: {}", report.table());
-            assert!(report.table().contains("CORRUPT at offset"), "{}", report.table());
+            assert!(
+                report.table().contains("CORRUPT at offset"),
+                "{}",
+                report.table()
+            );
             let got = good_payloads(dir.path());
             assert_eq!(got.len(), 2, "bit {bit}: {got:?}");
             assert!(got[0].starts_with(b"payload-0") && got[1].starts_with(b"payload-2"));
