@@ -807,3 +807,53 @@ async fn spool_only_a_non_retryable_answer_parks_at_once() {
     assert!(inspect_text(dir.path()).contains("422"));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_flipped_bit_in_a_spool_length_loses_that_record_only_and_inspect_says_where() {
+    let _serial = SERIAL.lock().await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), false, "");
+    let proxy = TestProxy::start(&cfg).await;
+    for i in 0..4 {
+        let r = post(&proxy, &format!("{{\"essay\":{i}}}")).await;
+        assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    }
+    proxy.stop().await;
+    let spool = dir.path().join("spool");
+    let seg = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
+        })
+        .unwrap();
+    // Record: magic(4) len(4) msg_id(16) crc(4) header crc(4) payload.
+    let mut data = std::fs::read(&seg).unwrap();
+    let first_len = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
+    data[32 + first_len + 4 + 1] ^= 0x10;
+    std::fs::write(&seg, &data).unwrap();
+    let text = inspect_text(dir.path());
+    assert!(
+        text.contains("3 pending")
+            && text.contains("1 corrupt")
+            && text.contains("CORRUPT at offset"),
+        "{text}"
+    );
+
+    ai.outage(false).await;
+    let config_path = dir.path().join("restart.toml");
+    std::fs::write(&config_path, &cfg).unwrap();
+    let proxy = TestProxy::start_at(tempfile::tempdir().unwrap(), config_path).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || replays(&ai) >= 3).await,
+        "replayed: {:?}",
+        ai.count_by_header("idempotency-key")
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(replays(&ai), 3);
+    proxy.stop().await;
+}
