@@ -674,6 +674,9 @@ impl Writer {
                     for (a, end) in batch.drain(..) {
                         let _ = a.reply.send(Ok((self.id, end)));
                     }
+                    // Every waiting reader (the per-route lanes of spool-only mode), and a
+                    // stored permit for one that is between reads.
+                    self.state.appended.notify_waiters();
                     self.state.appended.notify_one();
                 }
                 Err(e) => {
