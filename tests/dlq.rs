@@ -364,8 +364,9 @@ async fn spool_only_mode_keeps_messages_reports_a_corrupt_record_and_replays_the
         })
         .unwrap();
     let mut data = std::fs::read(&seg).unwrap();
-    let first_len = u32::from_le_bytes(data[0..4].try_into().unwrap()) as usize;
-    let second_payload = 24 + first_len + 24 + 10;
+    // Record: magic(4) len(4) msg_id(16) crc(4) header crc(4) payload.
+    let first_len = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
+    let second_payload = 32 + first_len + 32 + 10;
     data[second_payload] ^= 0x55;
     std::fs::write(&seg, &data).unwrap();
     let out = std::process::Command::new(breakwater_bin())
@@ -530,4 +531,329 @@ async fn kill_9_mid_burst_then_restart_delivers_every_acknowledged_message() {
         "a request was queued under two message ids"
     );
     rabbit::cleanup(&ch, &route).await;
+}
+
+// ---- spool helper (issue 13, items 8, 11, 13) ----
+
+/// An `[audit]` section with `redact_headers` left out.
+fn audit_section(dir: &std::path::Path) -> String {
+    let key = dir.join("audit.key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    format!(
+        "[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\n",
+        dir.join("audit/decisions.jsonl").display(),
+        key.display()
+    )
+}
+
+const CREDENTIALS: [(&str, &str); 3] = [
+    ("authorization", "Bearer cred-authz-7f3a"),
+    ("cookie", "PHPSESSID=cred-cookie-91b2"),
+    ("proxy-authorization", "Basic cred-proxy-55c0"),
+];
+
+async fn post_with_credentials(proxy: &TestProxy, body: &str) -> Reply {
+    let mut req = http::Request::post(proxy.url("/v1/grading")).header("x-student-id", "s-42");
+    for (k, v) in CREDENTIALS {
+        req = req.header(k, v);
+    }
+    proxy
+        .send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+}
+
+fn spool_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in walk(dir) {
+        all.extend(std::fs::read(e).unwrap());
+    }
+    all
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn leaked(bytes: &[u8]) -> Vec<&'static str> {
+    let text = String::from_utf8_lossy(bytes);
+    CREDENTIALS
+        .iter()
+        .filter(|(_, v)| text.contains(v.split_once(['=', ' ']).unwrap().1))
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+#[tokio::test]
+async fn credentials_never_reach_the_spool_or_rabbitmq_with_audit_redaction_left_empty() {
+    let _serial = SERIAL.lock().await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    // Spool only: the message stays on disk, where we read its raw bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), false, "") + &audit_section(dir.path());
+    let proxy = TestProxy::start(&cfg).await;
+    let r = post_with_credentials(&proxy, "{\"essay\":\"spooled\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    proxy.stop().await;
+    let raw = spool_bytes(&dir.path().join("spool"));
+    assert!(
+        String::from_utf8_lossy(&raw).contains("s-42"),
+        "the message is not in the spool"
+    );
+    assert_eq!(leaked(&raw), Vec::<&str>::new(), "credentials in the spool");
+
+    if !available().await {
+        return;
+    }
+    // With a broker: the message as RabbitMQ holds it.
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), true, "") + &audit_section(dir.path());
+    let proxy = TestProxy::start(&cfg).await;
+    let r = post_with_credentials(&proxy, "{\"essay\":\"queued\"}").await;
+    assert!(r.header("x-breakwater-dlq").is_some());
+    let (conn, ch) = rabbit::channel().await;
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
+        1
+    );
+    let msgs = rabbit::drain(&ch, &queue).await;
+    assert_eq!(msgs.len(), 1);
+    let data = &msgs[0].delivery.data;
+    assert!(String::from_utf8_lossy(data).contains("s-42"));
+    assert_eq!(leaked(data), Vec::<&str>::new(), "credentials in RabbitMQ");
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[test]
+fn a_body_limit_larger_than_a_spool_record_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |max: u64| {
+        let cfg = simple_config("http://127.0.0.1:9", "replayable = true\n", "").replace(
+            "watch_config = true\n",
+            &format!("watch_config = true\nmax_body_bytes = {max}\n"),
+        );
+        let path = dir.path().join("bw.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let out = std::process::Command::new(breakwater_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(100 << 20);
+    assert!(!ok && text.contains("server.max_body_bytes"), "{text}");
+    let (ok, text) = check(breakwater::dlq::envelope::MAX_SPOOLED_BODY);
+    assert!(ok, "{text}");
+}
+
+/// Two replayable routes in spool-only mode, each with its own AI: `a` on /a, `b` on /b.
+fn two_routes_config(a: &MockAi, b: &MockAi, dir: &std::path::Path, attempts: u32) -> String {
+    let route = |name: &str| {
+        format!(
+            "[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"ai_{name}\"\ntimeout_ms = 2000\nreplayable = true\n[routes.breaker]\nconsecutive_failures = 1\nopen_ms = 600000\nopen_max_ms = 600000\n{STATIC_FB}\n"
+        )
+    };
+    format!(
+        "{}\n[upstreams.ai_a]\nurl = \"{}\"\n[upstreams.ai_b]\nurl = \"{}\"\n\n{}{}[dlq]\nspool_dir = \"{}\"\nreplay_rate_per_s = 200\nmax_replay_attempts = {attempts}\n",
+        server_section(),
+        a.url(),
+        b.url(),
+        route("a"),
+        route("b"),
+        dir.join("spool").display()
+    )
+}
+
+async fn set_breaker(proxy: &TestProxy, route: &str, state: &str) {
+    let r = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/breaker"),
+            &format!("{{\"state\":\"{state}\"}}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+async fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    f()
+}
+
+fn inspect_text(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(breakwater_bin())
+        .args(["spool", "inspect"])
+        .arg(dir.join("spool"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn replays(ai: &MockAi) -> u64 {
+    ai.count_by_header("idempotency-key").values().sum()
+}
+
+#[tokio::test]
+async fn spool_only_a_poison_message_of_one_route_blocks_no_other_and_is_parked_then_requeued() {
+    let _serial = SERIAL.lock().await;
+    let (ai_a, ai_b) = (MockAi::start().await, MockAi::start().await);
+    ai_a.set_error_rate(1.0, 500);
+    ai_b.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&two_routes_config(&ai_a, &ai_b, dir.path(), 3)).await;
+    // a's message is first in the spool, b's behind it; both breakers are now open.
+    let r = proxy.post("/a/grade", "{\"essay\":\"poison\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    let r = proxy.post("/b/grade", "{\"essay\":\"fine\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+
+    // b recovers while a stays down (breaker open): b's message is replayed anyway.
+    ai_b.outage(false).await;
+    set_breaker(&proxy, "b", "forced_closed").await;
+    assert!(
+        wait_until(Duration::from_secs(5), || replays(&ai_b) >= 1).await,
+        "route b's message was never replayed: held back by route a's"
+    );
+    assert_eq!(replays(&ai_a), 0, "a's breaker is open: no replay");
+
+    // a's AI keeps failing: after max_replay_attempts the message is parked, and listed.
+    set_breaker(&proxy, "a", "forced_closed").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || inspect_text(dir.path())
+            .contains("1 parked"))
+        .await,
+        "{}",
+        inspect_text(dir.path())
+    );
+    assert_eq!(replays(&ai_a), 3);
+    let text = inspect_text(dir.path());
+    assert!(
+        text.contains("PARKED") && text.contains("after 3 attempt"),
+        "{text}"
+    );
+    assert!(text.contains(" a "), "{text}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(replays(&ai_a), 3, "a parked message is not replayed");
+
+    // The operator fixes a and requeues: the message is replayed once more, and succeeds.
+    ai_a.recover();
+    let r = proxy
+        .admin_post("/admin/dlq/parked/requeue?route=a", "", None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["requeued"], 1);
+    assert!(
+        wait_until(Duration::from_secs(5), || replays(&ai_a) >= 4).await,
+        "the requeued message was not replayed"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(replays(&ai_a), 4);
+    assert_eq!(replays(&ai_b), 1);
+    proxy.stop().await;
+    let text = inspect_text(dir.path());
+    assert!(
+        text.contains("0 parked") && text.contains("0 pending"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn spool_only_a_non_retryable_answer_parks_at_once() {
+    let _serial = SERIAL.lock().await;
+    let (ai_a, ai_b) = (MockAi::start().await, MockAi::start().await);
+    ai_a.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&two_routes_config(&ai_a, &ai_b, dir.path(), 5)).await;
+    let r = proxy.post("/a/grade", "{\"essay\":\"bad\"}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    ai_a.outage(false).await;
+    ai_a.set_error_rate(1.0, 422);
+    set_breaker(&proxy, "a", "forced_closed").await;
+    assert!(
+        wait_until(Duration::from_secs(5), || inspect_text(dir.path())
+            .contains("1 parked"))
+        .await,
+        "{}",
+        inspect_text(dir.path())
+    );
+    assert_eq!(replays(&ai_a), 1, "a 4xx answer is not retried");
+    assert!(inspect_text(dir.path()).contains("422"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_flipped_bit_in_a_spool_length_loses_that_record_only_and_inspect_says_where() {
+    let _serial = SERIAL.lock().await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), false, "");
+    let proxy = TestProxy::start(&cfg).await;
+    for i in 0..4 {
+        let r = post(&proxy, &format!("{{\"essay\":{i}}}")).await;
+        assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    }
+    proxy.stop().await;
+    let spool = dir.path().join("spool");
+    let seg = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
+        })
+        .unwrap();
+    // Record: magic(4) len(4) msg_id(16) crc(4) header crc(4) payload.
+    let mut data = std::fs::read(&seg).unwrap();
+    let first_len = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
+    data[32 + first_len + 4 + 1] ^= 0x10;
+    std::fs::write(&seg, &data).unwrap();
+    let text = inspect_text(dir.path());
+    assert!(
+        text.contains("3 pending")
+            && text.contains("1 corrupt")
+            && text.contains("CORRUPT at offset"),
+        "{text}"
+    );
+
+    ai.outage(false).await;
+    let config_path = dir.path().join("restart.toml");
+    std::fs::write(&config_path, &cfg).unwrap();
+    let proxy = TestProxy::start_at(tempfile::tempdir().unwrap(), config_path).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || replays(&ai) >= 3).await,
+        "replayed: {:?}",
+        ai.count_by_header("idempotency-key")
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(replays(&ai), 3);
+    proxy.stop().await;
 }

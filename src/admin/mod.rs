@@ -191,6 +191,9 @@ async fn handle(state: &AdminState, req: http::Request<Incoming>) -> http::Respo
                 "no DLQ configured (no replayable route)",
             ),
         },
+        (&Method::POST, ["admin", "dlq", "parked", "requeue"]) => {
+            requeue_parked(state, req.uri().query(), &actor).await
+        }
         (&Method::POST, ["admin", "dlq", action]) => {
             let route = req
                 .uri()
@@ -312,6 +315,38 @@ fn route_state(
         .route_state(route)
         .cloned()
         .ok_or_else(|| error(StatusCode::NOT_FOUND, &format!("no route named {route:?}")))
+}
+
+/// `POST /admin/dlq/parked/requeue?route=NAME`: the spool-only parked area back to the spool.
+async fn requeue_parked(
+    state: &AdminState,
+    query: Option<&str>,
+    actor: &str,
+) -> http::Response<ProxyBody> {
+    let Some(dlq) = &state.dlq else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no DLQ configured (no replayable route)",
+        );
+    };
+    let Some(route) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("route=")))
+    else {
+        return error(StatusCode::BAD_REQUEST, "requeue needs ?route=NAME");
+    };
+    match dlq.requeue_parked(route).await {
+        Ok(n) => {
+            emit_admin(
+                state,
+                actor,
+                json!({"action": "dlq_parked_requeue", "route": route, "count": n}),
+            );
+            json_response(StatusCode::OK, json!({"route": route, "requeued": n}))
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cannot requeue: {e}"),
+        ),
+    }
 }
 
 fn dlq_action(

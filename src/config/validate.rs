@@ -190,6 +190,15 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         "server.max_body_bytes",
         "must be greater than 0",
     );
+    // A failed replayable request is kept whole in one spool record.
+    e.check(
+        max_body_bytes <= crate::dlq::envelope::MAX_SPOOLED_BODY,
+        "server.max_body_bytes",
+        format!(
+            "must be at most {} (the largest body a DLQ spool record holds)",
+            crate::dlq::envelope::MAX_SPOOLED_BODY
+        ),
+    );
     let max_response_buffer_bytes = s.max_response_buffer_bytes.unwrap_or(4 * MIB);
     let header_read_timeout = positive_ms(
         e,

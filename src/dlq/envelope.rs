@@ -1,6 +1,7 @@
 //! The dead-letter message (SPEC "Dead-letter messages"): everything needed to send the
-//! original request again, minus what must not be stored: hop-by-hop headers, the headers
-//! in `redact_headers`, and upstream credentials (added by the replay worker from config).
+//! original request again, minus what must not be stored: hop-by-hop headers, client
+//! credentials (always, whatever `redact_headers` says), the headers in `redact_headers`,
+//! and upstream credentials (added by the replay worker from config).
 
 use base64::Engine;
 use bytes::Bytes;
@@ -31,6 +32,24 @@ const NOT_STORED: &[&str] = &[
     "host",
 ];
 
+/// Room in a spool record for everything but the body: the envelope's fields and the
+/// request headers (hyper caps those far below this, even JSON-escaped).
+const ENVELOPE_OVERHEAD: u64 = 1 << 20;
+
+/// The largest request body whose dead letter fits one spool record: the body is stored
+/// base64-encoded (4 bytes per 3). `server.max_body_bytes` may not exceed it.
+pub const MAX_SPOOLED_BODY: u64 = (super::spool::MAX_PAYLOAD as u64 - ENVELOPE_OVERHEAD) / 4 * 3;
+
+/// Client credentials: never stored in a dead letter. `redact_headers` adds to these; an
+/// empty list must not put a user's session into the spool and RabbitMQ.
+pub const CREDENTIAL_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
+
+fn stored(name: &str, redact: &[String]) -> bool {
+    !NOT_STORED.contains(&name)
+        && !CREDENTIAL_HEADERS.contains(&name)
+        && !redact.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
 impl Envelope {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -46,10 +65,7 @@ impl Envelope {
     ) -> Envelope {
         let headers = headers
             .iter()
-            .filter(|(name, _)| {
-                let n = name.as_str();
-                !NOT_STORED.contains(&n) && !redact.iter().any(|r| r.eq_ignore_ascii_case(n))
-            })
+            .filter(|(name, _)| stored(name.as_str(), redact))
             .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
             .collect();
         Envelope {
@@ -113,5 +129,31 @@ mod tests {
         assert_eq!(e.body().unwrap(), body);
         assert_eq!(e.path_and_query(), "/v1/grading?course=7");
         assert_eq!(e.msg_id.len(), 36);
+    }
+
+    #[test]
+    fn credentials_are_dropped_even_with_an_empty_redact_list() {
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Bearer secret".parse().unwrap());
+        h.insert("cookie", "s=1".parse().unwrap());
+        h.insert("proxy-authorization", "Basic x".parse().unwrap());
+        h.insert("x-api-key", "k".parse().unwrap());
+        h.insert("x-student-id", "42".parse().unwrap());
+        let uri: http::Uri = "/v1/grading".parse().unwrap();
+        let e = Envelope::new(
+            "grading",
+            "r1",
+            "timeout",
+            &http::Method::POST,
+            &uri,
+            &h,
+            &Bytes::new(),
+            &["X-Api-Key".into()],
+            None,
+        );
+        assert_eq!(
+            e.headers,
+            vec![("x-student-id".to_string(), "42".to_string())]
+        );
     }
 }

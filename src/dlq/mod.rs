@@ -7,6 +7,8 @@
 //! one replay worker per route (RabbitMQ -> AI -> results exchange).
 
 pub mod envelope;
+mod lanes;
+pub mod parked;
 pub mod rabbit;
 pub mod spool;
 
@@ -95,6 +97,7 @@ struct Inner {
     publisher_blocked: AtomicBool,
     started: std::time::Instant,
     pacers: Mutex<HashMap<String, Pacer>>,
+    parked: parked::ParkedStore,
 }
 
 /// The request side and the admin side of the DLQ. Cheap to clone.
@@ -145,6 +148,32 @@ impl DlqHandle {
             }
         }
         self.count(&env.route, DlqOutcome::Spooled)
+    }
+
+    /// Puts the locally parked messages of `route` back into the spool with a fresh attempt
+    /// count (`POST /admin/dlq/parked/requeue?route=NAME`). Returns how many.
+    pub async fn requeue_parked(&self, route: &str) -> Result<usize, spool::SpoolError> {
+        let store = &self.inner.parked;
+        let (entries, taken) = store.take(route)?;
+        for entry in &entries {
+            let mut env = entry.envelope.clone();
+            env.attempts = 0;
+            let payload = serde_json::to_vec(&env).map_err(std::io::Error::other)?;
+            let msg_id = uuid::Uuid::parse_str(&env.msg_id)
+                .map(|u| *u.as_bytes())
+                .unwrap_or([0; 16]);
+            // A failure leaves the taken file in place: a retry requeues it (again, for
+            // the ones already back: same message id, so at most a repeated replay).
+            self.inner
+                .writer
+                .append(msg_id, Bytes::from(payload))
+                .await?;
+        }
+        if let Some(taken) = taken {
+            store.done(&taken)?;
+        }
+        tracing::warn!(route, count = entries.len(), "parked DLQ messages requeued");
+        Ok(entries.len())
     }
 
     fn count(&self, route: &str, outcome: DlqOutcome) -> DlqOutcome {
@@ -282,6 +311,7 @@ pub fn start(
         publisher_blocked: AtomicBool::new(false),
         started: std::time::Instant::now(),
         pacers: Mutex::new(HashMap::new()),
+        parked: parked::ParkedStore::new(&settings.spool.dir),
         settings,
     });
     let handle = DlqHandle {
@@ -316,6 +346,9 @@ async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {
 /// Spool -> RabbitMQ, in order; the cursor moves only over confirmed records. With no
 /// broker configured, spool -> AI directly once the route is ready.
 async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: CancellationToken) {
+    if handle.inner.settings.amqp_url.is_none() {
+        return lanes::drain_locally(handle, target, shutdown).await;
+    }
     let inner = handle.inner.clone();
     let mut reader = SpoolReader::new(inner.writer.state.clone());
     let mut link: Option<Link> = None;
@@ -353,7 +386,9 @@ async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: Cance
             let Some(payload) = record.payload.clone() else {
                 tracing::error!(
                     segment = record.segment,
-                    offset = record.end,
+                    from = record.start,
+                    to = record.end,
+                    damage = ?record.damage,
                     "corrupt DLQ spool record skipped"
                 );
                 metrics::counter!(telemetry::DLQ_MESSAGES, "route" => "", "result" => "corrupt")
@@ -383,19 +418,8 @@ async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: Cance
                     )
                     .await
                 }
-                None => {
-                    let mut n = 0;
-                    for (pos, item) in &items[next..] {
-                        if let Some((env, _)) = item {
-                            if !replay_locally(&handle, &target, env).await {
-                                break;
-                            }
-                        }
-                        reader.advance(*pos);
-                        n += 1;
-                    }
-                    n
-                }
+                // Spool-only mode never gets here (see `lanes`).
+                None => items.len() - next,
             };
             next += done;
             if next < items.len()
@@ -499,50 +523,6 @@ async fn publish_batch(
         }
     }
     done
-}
-
-/// No broker: the spool is the queue. Replays in order once the route is ready.
-async fn replay_locally(
-    handle: &DlqHandle,
-    target: &Arc<dyn ReplayTarget>,
-    env: &Envelope,
-) -> bool {
-    let c = handle.counters(&env.route);
-    let triggered = c.triggered.load(Ordering::Relaxed);
-    if !triggered && (c.paused.load(Ordering::Relaxed) || !target.ready(&env.route)) {
-        return false;
-    }
-    // The local path replays one message per call: the bucket lives with the route.
-    let wait = {
-        let mut pacers = match handle.inner.pacers.lock() {
-            Ok(p) => p,
-            Err(p) => p.into_inner(),
-        };
-        let pacer = pacers
-            .entry(env.route.clone())
-            .or_insert_with(|| Pacer::new(handle.inner.settings.replay_rate_per_s));
-        let now = tokio::time::Instant::now();
-        let floor = now.checked_sub(Duration::from_millis(100)).unwrap_or(now);
-        pacer.next = pacer.next.max(floor) + pacer.interval;
-        pacer.next
-    };
-    tokio::time::sleep_until(wait).await;
-    let result = target.replay(env).await;
-    target.recorded(env, &result);
-    match result {
-        Ok(_) => {
-            c.replayed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => env.route.clone(), "result" => "replayed").increment(1);
-            true
-        }
-        Err(f) if !f.attempted => false,
-        Err(f) => {
-            c.failed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => env.route.clone(), "result" => "failed").increment(1);
-            tracing::warn!(msg_id = %env.msg_id, reason = %f.reason, "local replay failed; the message stays in the spool");
-            false
-        }
-    }
 }
 
 /// Paces replays to `rate` per second: a schedule, not a sleep per message (timers have

@@ -3,9 +3,13 @@
 //! the segments in order; a segment is deleted only when every record in it has been
 //! handed on (confirmed by RabbitMQ, or replayed locally).
 //!
-//! Record: `len: u32 LE | crc32c(msg_id ++ payload): u32 LE | msg_id: 16 bytes | payload`.
-//! On start the spool is recovered: a torn tail is truncated, corrupt records are
-//! counted, reported and skipped, and the drain resumes from the saved cursor.
+//! Record (v2): `magic: 4 bytes | len: u32 LE | msg_id: 16 bytes | crc32c(payload): u32 LE |
+//! crc32c(the 28 bytes before): u32 LE | payload`. The header checksum makes a bad length
+//! detectable: the reader then skips to the next valid header (the magic marks candidates),
+//! so a flipped bit costs one record, never the rest of the segment. Segments written by
+//! older versions (v1: `len | crc32c(msg_id ++ payload) | msg_id | payload`) are still read.
+//! On start the spool is recovered: a torn tail is truncated, damaged records and regions
+//! are counted, reported and skipped, and the drain resumes from the saved cursor.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -20,9 +24,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::telemetry;
 
-const HEADER: usize = 4 + 4 + 16;
-/// A record larger than this is corruption, not data (bodies are capped far below).
-const MAX_RECORD: u32 = 64 << 20;
+const HEADER: usize = 4 + 4 + 16 + 4 + 4;
+/// Starts every v2 record. The last byte is above any v1 length's high byte, which tells
+/// the formats apart.
+const MAGIC: [u8; 4] = [0x42, 0x57, 0x53, 0xF7];
+/// The largest payload one record holds; `server.max_body_bytes` is capped to fit.
+pub const MAX_PAYLOAD: u32 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -32,6 +39,8 @@ pub enum SpoolError {
     Io(#[from] std::io::Error),
     #[error("the spool writer has stopped")]
     Stopped,
+    #[error("a {0}-byte message is larger than a spool record holds")]
+    TooLarge(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +84,33 @@ impl SpoolState {
 
     pub fn segment_count(&self) -> usize {
         self.segments.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// The durable records after `pos` (about `max_bytes` of them, at least one), without
+    /// moving anything: for readers that keep their own position (the per-route lanes of
+    /// spool-only mode).
+    pub fn read_after(&self, pos: Position, max_bytes: u64) -> std::io::Result<Vec<StoredRecord>> {
+        let segments: Vec<Segment> = match self.segments.lock() {
+            Ok(s) => s.iter().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        for seg in segments {
+            let start = match seg.id.cmp(&pos.0) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => pos.1,
+                std::cmp::Ordering::Greater => 0,
+            };
+            if start >= seg.durable_len {
+                continue;
+            }
+            let to = seg.durable_len.min(start + max_bytes.max(1 << 16));
+            let mut records = read_range(&self.dir, seg.id, start, to, to == seg.durable_len)?;
+            if records.is_empty() {
+                records = read_range(&self.dir, seg.id, start, seg.durable_len, true)?;
+            }
+            return Ok(records);
+        }
+        Ok(Vec::new())
     }
 }
 
@@ -123,67 +159,264 @@ fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(ids)
 }
 
-/// One record read back from a segment.
+/// Why a stored record could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Damage {
+    /// The header is sound but the payload fails its checksum: the record is known (its
+    /// message id) and skipped.
+    Checksum,
+    /// Bytes that frame no record (a bad header, e.g. a flipped length bit): skipped up to
+    /// the next valid record header.
+    Unframed,
+}
+
+/// One record read back from a segment (or a damaged region, see `damage`).
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
     pub segment: u64,
+    /// Offset of the record (or of the damaged region).
+    pub start: u64,
     /// Offset just past the record.
     pub end: u64,
+    /// All zero for an unframed region.
     pub msg_id: [u8; 16],
-    /// `None` when the record is corrupt (checksum mismatch).
+    /// `None` when the record is damaged.
     pub payload: Option<Bytes>,
+    pub damage: Option<Damage>,
 }
 
-/// Reads whole records from `bytes` (which starts at file offset `base`). Returns the
-/// records and the offset where reading stopped (a partial record is left for later).
-fn parse_records(segment: u64, base: u64, bytes: &[u8]) -> (Vec<StoredRecord>, u64, bool) {
+impl StoredRecord {
+    fn damaged(segment: u64, start: u64, end: u64, msg_id: [u8; 16], damage: Damage) -> Self {
+        StoredRecord {
+            segment,
+            start,
+            end,
+            msg_id,
+            payload: None,
+            damage: Some(damage),
+        }
+    }
+}
+
+/// Appends one v2 record to `buf`.
+pub(crate) fn encode_record(buf: &mut Vec<u8>, msg_id: &[u8; 16], payload: &[u8]) {
+    let start = buf.len();
+    buf.extend_from_slice(&MAGIC);
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(msg_id);
+    buf.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    let hcrc = crc32c::crc32c(&buf[start..start + 28]);
+    buf.extend_from_slice(&hcrc.to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+enum Header {
+    Valid {
+        len: usize,
+        msg_id: [u8; 16],
+        crc: u32,
+    },
+    /// Too few bytes to tell (and no mismatch in those there are).
+    Short,
+    Bad,
+}
+
+fn header_at(rest: &[u8]) -> Header {
+    if rest.len() >= 4 && rest[..4] != MAGIC {
+        return Header::Bad;
+    }
+    if rest.len() < HEADER {
+        return Header::Short;
+    }
+    if crc32c::crc32c(&rest[..28]) != le32(rest, 28) {
+        return Header::Bad;
+    }
+    let len = le32(rest, 4);
+    if len > MAX_PAYLOAD {
+        return Header::Bad;
+    }
+    let mut msg_id = [0u8; 16];
+    msg_id.copy_from_slice(&rest[8..24]);
+    Header::Valid {
+        len: len as usize,
+        msg_id,
+        crc: le32(rest, 24),
+    }
+}
+
+/// The next offset at or after `from` where a valid header starts.
+fn resync(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while at + HEADER <= bytes.len() {
+        let hit = bytes[at..].windows(4).position(|w| w == MAGIC)?;
+        at += hit;
+        if matches!(header_at(&bytes[at..]), Header::Valid { .. }) {
+            return Some(at);
+        }
+        at += 1;
+    }
+    None
+}
+
+/// Reads records from `bytes` (which starts at file offset `base`). `complete` says the
+/// bytes end where the segment's durable data ends, so nothing is left for later and a
+/// short or unframeable tail is damage; otherwise a partial record at the end is left for
+/// the next read. Returns the records (damaged ones included) and where reading stopped.
+fn parse_records(
+    segment: u64,
+    base: u64,
+    bytes: &[u8],
+    complete: bool,
+    legacy: bool,
+) -> (Vec<StoredRecord>, u64) {
+    if legacy {
+        return parse_legacy(segment, base, bytes);
+    }
     let mut out = Vec::new();
     let mut pos = 0usize;
-    let mut garbage = false;
-    while bytes.len() - pos >= HEADER {
-        let len = u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]);
-        if len > MAX_RECORD {
-            // The length itself is corrupt: nothing after it can be framed.
-            garbage = true;
+    let at = |p: usize| base + p as u64;
+    while pos < bytes.len() {
+        let rest = &bytes[pos..];
+        match header_at(rest) {
+            Header::Valid { len, msg_id, crc } if rest.len() >= HEADER + len => {
+                let body = &rest[HEADER..HEADER + len];
+                let end = pos + HEADER + len;
+                out.push(if crc32c::crc32c(body) == crc {
+                    StoredRecord {
+                        segment,
+                        start: at(pos),
+                        end: at(end),
+                        msg_id,
+                        payload: Some(Bytes::copy_from_slice(body)),
+                        damage: None,
+                    }
+                } else {
+                    StoredRecord::damaged(segment, at(pos), at(end), msg_id, Damage::Checksum)
+                });
+                pos = end;
+                continue;
+            }
+            Header::Valid { .. } | Header::Short if !complete => break,
+            _ => {}
+        }
+        // Nothing frames here: skip to the next valid header, so one bad length costs one
+        // record, not the rest of the segment.
+        let next = match resync(bytes, pos + 1) {
+            Some(n) => n,
+            None if complete => bytes.len(),
+            // A header may straddle the end of this read: leave its possible start.
+            None => bytes.len().saturating_sub(HEADER - 1).max(pos),
+        };
+        if next == pos {
             break;
         }
-        let total = HEADER + len as usize;
-        if bytes.len() - pos < total {
+        out.push(StoredRecord::damaged(
+            segment,
+            at(pos),
+            at(next),
+            [0; 16],
+            Damage::Unframed,
+        ));
+        pos = next;
+    }
+    (out, at(pos))
+}
+
+/// v1 segments (written before the header checksum existed): `len | crc32c(msg_id ++
+/// payload) | msg_id | payload`. Their lengths cannot be checked, so an impossible length
+/// still loses the rest of such a segment; only segments written before the upgrade have
+/// this format (a new run always starts a new segment).
+fn parse_legacy(segment: u64, base: u64, bytes: &[u8]) -> (Vec<StoredRecord>, u64) {
+    const V1_HEADER: usize = 24;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while bytes.len() - pos >= V1_HEADER {
+        let len = le32(bytes, pos);
+        let total = V1_HEADER + len as usize;
+        if len > MAX_PAYLOAD || bytes.len() - pos < total {
             break;
         }
-        let crc = u32::from_le_bytes([
-            bytes[pos + 4],
-            bytes[pos + 5],
-            bytes[pos + 6],
-            bytes[pos + 7],
-        ]);
+        let crc = le32(bytes, pos + 4);
         let mut msg_id = [0u8; 16];
         msg_id.copy_from_slice(&bytes[pos + 8..pos + 24]);
         let body = &bytes[pos + 24..pos + total];
         let actual = crc32c::crc32c_append(crc32c::crc32c(&msg_id), body);
-        out.push(StoredRecord {
-            segment,
-            end: base + (pos + total) as u64,
-            msg_id,
-            payload: (actual == crc).then(|| Bytes::copy_from_slice(body)),
+        let (start, end) = (base + pos as u64, base + (pos + total) as u64);
+        out.push(if actual == crc {
+            StoredRecord {
+                segment,
+                start,
+                end,
+                msg_id,
+                payload: Some(Bytes::copy_from_slice(body)),
+                damage: None,
+            }
+        } else {
+            StoredRecord::damaged(segment, start, end, msg_id, Damage::Checksum)
         });
         pos += total;
     }
-    (out, base + pos as u64, garbage)
+    if pos < bytes.len() {
+        out.push(StoredRecord::damaged(
+            segment,
+            base + pos as u64,
+            base + bytes.len() as u64,
+            [0; 16],
+            Damage::Unframed,
+        ));
+    }
+    (out, base + bytes.len() as u64)
 }
 
-/// Reads the records of a segment between `from` and `to`.
+/// A segment is v1 when it starts with a plausible v1 length instead of the v2 magic
+/// (whose last byte no v1 length below `MAX_PAYLOAD` can have).
+fn is_legacy(first: &[u8]) -> bool {
+    first.len() >= 4 && first[..4] != MAGIC && le32(first, 0) <= MAX_PAYLOAD
+}
+
+/// Reads the records of a segment between `from` and `to`; `complete` as in
+/// `parse_records`.
 pub fn read_range(
     dir: &Path,
     segment: u64,
     from: u64,
     to: u64,
-) -> std::io::Result<(Vec<StoredRecord>, u64, bool)> {
+    complete: bool,
+) -> std::io::Result<Vec<StoredRecord>> {
     let mut f = File::open(segment_path(dir, segment))?;
+    let mut first = [0u8; 4];
+    let legacy = f.read_exact(&mut first).is_ok() && is_legacy(&first);
     f.seek(SeekFrom::Start(from))?;
     let mut buf = vec![0u8; (to.saturating_sub(from)) as usize];
     f.read_exact(&mut buf)?;
-    Ok(parse_records(segment, from, &buf))
+    Ok(parse_records(segment, from, &buf, complete, legacy).0)
+}
+
+/// The sound payloads of a file framed like a v2 segment (the parked area).
+pub(crate) fn parse_plain(data: &[u8]) -> Vec<Bytes> {
+    parse_records(0, 0, data, true, false)
+        .0
+        .into_iter()
+        .filter_map(|r| r.payload)
+        .collect()
+}
+
+fn parse_file(id: u64, data: &[u8]) -> Vec<StoredRecord> {
+    parse_records(id, 0, data, true, is_legacy(data)).0
+}
+
+/// The trailing unframed region of a segment, if any: in the newest segment that is a
+/// torn append (a crash mid-write), not corruption.
+fn torn_tail(records: &[StoredRecord], len: u64) -> Option<u64> {
+    records
+        .last()
+        .filter(|r| r.damage == Some(Damage::Unframed) && r.end == len)
+        .map(|r| r.start)
 }
 
 /// What `recover` found.
@@ -230,27 +463,33 @@ pub fn open(settings: SpoolSettings) -> Result<(SpoolWriter, Recovery), SpoolErr
         let path = segment_path(&settings.dir, id);
         let mut data = Vec::new();
         File::open(&path)?.read_to_end(&mut data)?;
-        let (records, end, garbage) = parse_records(id, 0, &data);
-        let corrupt = records.iter().filter(|r| r.payload.is_none()).count() as u64;
-        recovery.records += records.len() as u64 - corrupt;
-        recovery.corrupt += corrupt;
+        let records = parse_file(id, &data);
         let mut len = data.len() as u64;
-        if end < len {
-            if Some(id) == last_id && !garbage {
+        let mut counted = records.as_slice();
+        if Some(id) == last_id {
+            if let Some(cut) = torn_tail(&records, len) {
                 // A crash in the middle of an append: cut the torn record.
                 let f = OpenOptions::new().write(true).open(&path)?;
-                f.set_len(end)?;
+                f.set_len(cut)?;
                 f.sync_all()?;
-                recovery.truncated_bytes += len - end;
-                len = end;
-            } else {
-                recovery.corrupt += 1;
-                tracing::error!(
-                    segment = id,
-                    offset = end,
-                    "spool segment has unreadable bytes after this offset; they are skipped"
-                );
+                recovery.truncated_bytes += len - cut;
+                len = cut;
+                counted = &records[..records.len() - 1];
             }
+        }
+        let corrupt = counted.iter().filter(|r| r.damage.is_some()).count() as u64;
+        recovery.records += counted.len() as u64 - corrupt;
+        recovery.corrupt += corrupt;
+        for r in counted
+            .iter()
+            .filter(|r| r.damage == Some(Damage::Unframed))
+        {
+            tracing::error!(
+                segment = id,
+                from = r.start,
+                to = r.end,
+                "DLQ spool bytes frame no record (bad header): skipped to the next valid record"
+            );
         }
         if corrupt > 0 {
             tracing::error!(
@@ -262,7 +501,7 @@ pub fn open(settings: SpoolSettings) -> Result<(SpoolWriter, Recovery), SpoolErr
         bytes += len;
         segments.push_back(Segment {
             id,
-            durable_len: end,
+            durable_len: len,
             sealed: true,
         });
         recovery.segments += 1;
@@ -388,6 +627,10 @@ impl Writer {
             batch.clear();
             let mut used = self.state.bytes.load(Ordering::Relaxed);
             for a in pending {
+                if a.payload.len() > MAX_PAYLOAD as usize {
+                    let _ = a.reply.send(Err(SpoolError::TooLarge(a.payload.len())));
+                    continue;
+                }
                 let rec_len = (HEADER + a.payload.len()) as u64;
                 if used + rec_len > self.settings.max_bytes {
                     let _ = a.reply.send(Err(SpoolError::Full {
@@ -397,11 +640,7 @@ impl Writer {
                     continue;
                 }
                 used += rec_len;
-                let crc = crc32c::crc32c_append(crc32c::crc32c(&a.msg_id), &a.payload);
-                buf.extend_from_slice(&(a.payload.len() as u32).to_le_bytes());
-                buf.extend_from_slice(&crc.to_le_bytes());
-                buf.extend_from_slice(&a.msg_id);
-                buf.extend_from_slice(&a.payload);
+                encode_record(&mut buf, &a.msg_id, &a.payload);
                 let end = self.size + buf.len() as u64;
                 batch.push((a, end));
             }
@@ -435,6 +674,9 @@ impl Writer {
                     for (a, end) in batch.drain(..) {
                         let _ = a.reply.send(Ok((self.id, end)));
                     }
+                    // Every waiting reader (the per-route lanes of spool-only mode), and a
+                    // stored permit for one that is between reads.
+                    self.state.appended.notify_waiters();
                     self.state.appended.notify_one();
                 }
                 Err(e) => {
@@ -503,17 +745,11 @@ impl SpoolReader {
                 return Ok(Vec::new());
             }
             let to = seg.durable_len.min(start + max_bytes.max(1 << 16));
-            let (mut records, _stopped, garbage) = read_range(&self.state.dir, seg.id, start, to)?;
+            let complete = to == seg.durable_len;
+            let mut records = read_range(&self.state.dir, seg.id, start, to, complete)?;
             if records.is_empty() {
-                if garbage || to == seg.durable_len {
-                    // Unframeable bytes up to the durable end: skip them.
-                    self.state.corrupt.fetch_add(1, Ordering::Relaxed);
-                    self.advance((seg.id, seg.durable_len));
-                    continue;
-                }
-                // A record larger than the read window: read it whole.
-                let (r, _, _) = read_range(&self.state.dir, seg.id, start, seg.durable_len)?;
-                records = r.into_iter().take(1).collect();
+                // A record larger than the read window: read up to the durable end.
+                records = read_range(&self.state.dir, seg.id, start, seg.durable_len, true)?;
             }
             return Ok(records);
         }
@@ -542,6 +778,34 @@ impl SpoolReader {
         Ok(())
     }
 
+    pub fn cursor(&self) -> Position {
+        self.cursor
+    }
+
+    /// Marks everything up to `pos` as handed on and deletes the segments that are then
+    /// wholly handed on (what `next_batch` does for the in-order drain).
+    pub fn release(&mut self, pos: Position) -> std::io::Result<()> {
+        self.advance(pos);
+        loop {
+            let front = match self.state.segments.lock() {
+                Ok(s) => s.front().cloned(),
+                Err(_) => None,
+            };
+            let Some(seg) = front else { return Ok(()) };
+            if self.cursor < (seg.id, seg.durable_len) {
+                return Ok(());
+            }
+            if !seg.sealed {
+                if seg.durable_len > 0 {
+                    self.state.roll_requested.store(true, Ordering::Relaxed);
+                }
+                self.state.oldest_ms.store(0, Ordering::Relaxed);
+                return Ok(());
+            }
+            self.remove_front(seg.id)?;
+        }
+    }
+
     /// Marks everything up to `pos` as handed on.
     pub fn advance(&mut self, pos: Position) {
         if pos > self.cursor {
@@ -561,15 +825,31 @@ pub struct SpoolReport {
     pub pending: u64,
     pub corrupt: u64,
     pub bytes: u64,
+    /// Messages parked locally (spool-only mode), waiting for a requeue.
+    pub parked: Vec<super::parked::Parked>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SegmentReport {
     pub id: u64,
     pub bytes: u64,
+    /// `v2`, or `v1` for a segment written before record headers had a checksum.
+    pub format: &'static str,
     pub records: Vec<RecordReport>,
     pub corrupt: u64,
+    /// What was skipped, and why.
+    pub damaged: Vec<DamageReport>,
     pub torn_tail_bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DamageReport {
+    pub offset: u64,
+    pub bytes: u64,
+    pub kind: Damage,
+    /// Known when only the payload is bad.
+    pub msg_id: Option<String>,
+    pub handed_on: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -591,22 +871,35 @@ pub fn inspect(dir: &Path) -> std::io::Result<SpoolReport> {
         pending: 0,
         corrupt: 0,
         bytes: 0,
+        parked: super::parked::list(dir)?,
     };
-    for id in list_segments(dir)? {
+    let ids = list_segments(dir)?;
+    let last_id = ids.last().copied();
+    for id in ids {
         let mut data = Vec::new();
         File::open(segment_path(dir, id))?.read_to_end(&mut data)?;
-        let (records, end, _) = parse_records(id, 0, &data);
+        let mut records = parse_file(id, &data);
+        let len = data.len() as u64;
+        let mut torn_tail_bytes = 0;
+        if Some(id) == last_id {
+            if let Some(cut) = torn_tail(&records, len) {
+                torn_tail_bytes = len - cut;
+                records.pop();
+            }
+        }
         let mut seg = SegmentReport {
             id,
-            bytes: data.len() as u64,
+            bytes: len,
+            format: if is_legacy(&data) { "v1" } else { "v2" },
             records: Vec::new(),
             corrupt: 0,
-            torn_tail_bytes: data.len() as u64 - end,
+            damaged: Vec::new(),
+            torn_tail_bytes,
         };
         for r in records {
             let handed_on = (r.segment, r.end) <= cursor;
-            match &r.payload {
-                Some(p) => {
+            match (&r.payload, r.damage) {
+                (Some(p), _) => {
                     let env: Option<super::Envelope> = serde_json::from_slice(p).ok();
                     if !handed_on {
                         report.pending += 1;
@@ -620,7 +913,18 @@ pub fn inspect(dir: &Path) -> std::io::Result<SpoolReport> {
                         handed_on,
                     });
                 }
-                None => seg.corrupt += 1,
+                (None, damage) => {
+                    let kind = damage.unwrap_or(Damage::Unframed);
+                    seg.corrupt += 1;
+                    seg.damaged.push(DamageReport {
+                        offset: r.start,
+                        bytes: r.end - r.start,
+                        kind,
+                        msg_id: (kind == Damage::Checksum)
+                            .then(|| uuid::Uuid::from_bytes(r.msg_id).to_string()),
+                        handed_on,
+                    });
+                }
             }
         }
         report.corrupt += seg.corrupt;
@@ -636,12 +940,13 @@ impl SpoolReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "spool {}: {} segment(s), {} bytes, {} pending, {} corrupt, cursor {}:{}",
+            "spool {}: {} segment(s), {} bytes, {} pending, {} corrupt, {} parked, cursor {}:{}",
             self.dir,
             self.segments.len(),
             self.bytes,
             self.pending,
             self.corrupt,
+            self.parked.len(),
             self.cursor.0,
             self.cursor.1
         );
@@ -664,11 +969,24 @@ impl SpoolReport {
                     if r.handed_on { "handed on" } else { "pending" }
                 );
             }
-            if s.corrupt > 0 {
+            if s.format == "v1" {
                 let _ = writeln!(
                     out,
-                    "{:<8} {} corrupt record(s) (checksum mismatch): skipped",
-                    s.id, s.corrupt
+                    "{:<8} old (v1) segment format: a bad length loses the rest of it",
+                    s.id
+                );
+            }
+            for d in &s.damaged {
+                let what = match (d.kind, &d.msg_id) {
+                    (Damage::Checksum, Some(id)) => {
+                        format!("record {id}: payload checksum mismatch")
+                    }
+                    _ => "bytes that frame no record (bad record header)".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<8} CORRUPT at offset {} ({} bytes): {what}: skipped",
+                    s.id, d.offset, d.bytes
                 );
             }
             if s.torn_tail_bytes > 0 {
@@ -676,6 +994,24 @@ impl SpoolReport {
                     out,
                     "{:<8} {} byte(s) of a torn record at the end",
                     s.id, s.torn_tail_bytes
+                );
+            }
+        }
+        if !self.parked.is_empty() {
+            let _ = writeln!(
+                out,
+                "PARKED (requeue: POST /admin/dlq/parked/requeue?route=NAME)\n{:<38} {:<16} {:<38} {:<28} REASON",
+                "MSG ID", "ROUTE", "REQUEST ID", "PARKED AT"
+            );
+            for p in &self.parked {
+                let _ = writeln!(
+                    out,
+                    "{:<38} {:<16} {:<38} {:<28} {}",
+                    p.envelope.msg_id,
+                    p.envelope.route,
+                    p.envelope.request_id,
+                    p.parked_at,
+                    p.reason
                 );
             }
         }
@@ -769,5 +1105,106 @@ mod tests {
         assert_eq!(seen, 10);
         assert!(w.state.segment_count() <= 2, "drained segments were kept");
         assert_eq!(inspect(dir.path()).unwrap().pending, 0);
+    }
+
+    /// Where a record's length field sits, from the record's start.
+    const LEN_AT: usize = 4;
+
+    async fn three_records(dir: &Path) -> (Vec<u8>, Vec<usize>) {
+        {
+            let (w, _) = open(settings(dir, 1 << 30)).unwrap();
+            for i in 0..3u8 {
+                w.append(
+                    [i + 1; 16],
+                    Bytes::from(format!("payload-{i}-{}", "z".repeat(40))),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let data = std::fs::read(segment_path(dir, 1)).unwrap();
+        let size = data.len() / 3;
+        (data, vec![0, size, 2 * size])
+    }
+
+    fn good_payloads(dir: &Path) -> Vec<Bytes> {
+        let (w, _) = open(settings(dir, 1 << 30)).unwrap();
+        let mut reader = SpoolReader::new(w.state.clone());
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            let batch = reader.next_batch(1 << 20).unwrap();
+            let Some(last) = batch.last() else { break };
+            reader.advance((last.segment, last.end));
+            out.extend(batch.into_iter().filter_map(|r| r.payload));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn one_flipped_bit_in_a_length_field_loses_only_that_record() {
+        for bit in [0u8, 3, 7] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut data, starts) = three_records(dir.path()).await;
+            data[starts[1] + LEN_AT] ^= 1 << bit;
+            std::fs::write(segment_path(dir.path(), 1), &data).unwrap();
+            let report = inspect(dir.path()).unwrap();
+            assert_eq!(report.pending, 2, "bit {bit}: {}", report.table());
+            assert_eq!(report.corrupt, 1, "bit {bit}: {}", report.table());
+            assert!(
+                report.table().contains("CORRUPT at offset"),
+                "{}",
+                report.table()
+            );
+            let got = good_payloads(dir.path());
+            assert_eq!(got.len(), 2, "bit {bit}: {got:?}");
+            assert!(got[0].starts_with(b"payload-0") && got[1].starts_with(b"payload-2"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_length_beyond_the_record_maximum_loses_only_that_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut data, starts) = three_records(dir.path()).await;
+        let at = starts[1] + LEN_AT;
+        data[at..at + 4].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        std::fs::write(segment_path(dir.path(), 1), &data).unwrap();
+        let got = good_payloads(dir.path());
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[1].starts_with(b"payload-2"));
+    }
+
+    #[tokio::test]
+    async fn the_writer_refuses_a_payload_larger_than_a_record_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, _) = open(settings(dir.path(), 1 << 30)).unwrap();
+        let big = Bytes::from(vec![b'x'; MAX_PAYLOAD as usize + 1]);
+        assert!(matches!(
+            w.append([1; 16], big).await,
+            Err(SpoolError::TooLarge(_))
+        ));
+        w.append([2; 16], Bytes::from("ok")).await.unwrap();
+        drop(w);
+        assert_eq!(good_payloads(dir.path()), vec![Bytes::from("ok")]);
+    }
+
+    #[tokio::test]
+    async fn old_format_segments_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v1 = Vec::new();
+        for (i, p) in [b"old-0".as_slice(), b"old-1"].iter().enumerate() {
+            let id = [i as u8 + 7; 16];
+            v1.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            v1.extend_from_slice(&crc32c::crc32c_append(crc32c::crc32c(&id), p).to_le_bytes());
+            v1.extend_from_slice(&id);
+            v1.extend_from_slice(p);
+        }
+        std::fs::write(segment_path(dir.path(), 1), &v1).unwrap();
+        let report = inspect(dir.path()).unwrap();
+        assert_eq!(report.segments[0].format, "v1");
+        assert_eq!(report.pending, 2);
+        assert_eq!(
+            good_payloads(dir.path()),
+            vec![Bytes::from("old-0"), Bytes::from("old-1")]
+        );
     }
 }
