@@ -531,3 +531,66 @@ async fn kill_9_mid_burst_then_restart_delivers_every_acknowledged_message() {
     );
     rabbit::cleanup(&ch, &route).await;
 }
+
+/// Replays `route`'s queue once the AI answers again: breaker back to auto.
+async fn recover_and_replay(proxy: &TestProxy, ai: &MockAi, route: &str) {
+    ai.recover();
+    let r = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/breaker"),
+            r#"{"state":"auto"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn a_replay_carries_one_request_id_and_one_idempotency_key() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.set_error_rate(1.0, 503);
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let (conn, ch) = rabbit::channel().await;
+    let results = rabbit::results_queue(&ch, &format!("test.results.{route}"), &route).await;
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    let req = http::Request::post(proxy.url("/v1/grading"))
+        .header("x-request-id", "client-rid-1")
+        .header("idempotency-key", "client-key-1")
+        .body(Full::new(Bytes::from_static(b"{\"essay\":1}")))
+        .unwrap();
+    let r = proxy.send(req).await;
+    assert!(r.header("x-breakwater-dlq").is_some(), "{:?}", r.headers);
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
+        1
+    );
+    recover_and_replay(&proxy, &ai, &route).await;
+    assert_eq!(
+        rabbit::wait_depth(&conn, &results, 1, Duration::from_secs(20)).await,
+        1
+    );
+    let replay = ai
+        .received()
+        .into_iter()
+        .find(|r| r.headers.contains_key("x-breakwater-replay"))
+        .expect("the replay reached the AI");
+    let values = |name: &str| -> Vec<String> {
+        replay
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(values("x-request-id").len(), 1, "{:?}", replay.headers);
+    assert_eq!(values("idempotency-key").len(), 1, "{:?}", replay.headers);
+    assert_eq!(values("x-breakwater-replay"), ["1"]);
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
