@@ -5,28 +5,13 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Confirmation;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use rand::Rng;
+use lapin::{BasicProperties, Channel, Connection};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RabbitError {
-    #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("RabbitMQ did not confirm within {0:?}")]
-    ConfirmTimeout(Duration),
-    #[error("RabbitMQ returned the message as unroutable")]
-    Unroutable,
-    #[error("RabbitMQ nacked the message")]
-    Nacked,
-    #[error("RabbitMQ is blocking publishers (resource alarm)")]
-    Blocked,
-}
+pub use crate::amqp::reconnect_delay;
+/// The DLQ's RabbitMQ errors are the shared helper's.
+pub type RabbitError = crate::amqp::AmqpError;
 
 pub fn queue_name(route: &str) -> String {
     format!("breakwater.dlq.{route}")
@@ -49,16 +34,6 @@ pub fn result_key(route: &str) -> String {
     format!("ai.result.{route}")
 }
 
-/// Capped exponential backoff with full jitter for reconnects.
-pub fn reconnect_delay(attempt: u32) -> Duration {
-    let cap = Duration::from_millis(100)
-        .saturating_mul(1 << attempt.min(7))
-        .min(Duration::from_secs(10));
-    Duration::from_millis(
-        rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64),
-    )
-}
-
 /// One connection with one confirm-mode channel, and the topology it has declared.
 pub struct Link {
     pub conn: Connection,
@@ -75,26 +50,8 @@ impl Link {
         results_exchange: &str,
         name: &str,
     ) -> Result<Link, RabbitError> {
-        let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
-        let conn = Connection::connect(url, props).await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        for ex in [exchange, results_exchange] {
-            channel
-                .exchange_declare(
-                    ex.into(),
-                    ExchangeKind::Topic,
-                    durable,
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+        let (conn, channel) =
+            crate::amqp::connect(url, name, &[exchange, results_exchange]).await?;
         Ok(Link {
             conn,
             channel,
@@ -197,13 +154,7 @@ impl Link {
         confirm: lapin::PublisherConfirm,
         timeout: Duration,
     ) -> Result<(), RabbitError> {
-        match tokio::time::timeout(timeout, confirm).await {
-            Err(_) => Err(RabbitError::ConfirmTimeout(timeout)),
-            Ok(Err(e)) => Err(e.into()),
-            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(RabbitError::Unroutable),
-            Ok(Ok(Confirmation::Nack(_))) => Err(RabbitError::Nacked),
-        }
+        crate::amqp::confirmed(confirm, timeout).await
     }
 
     /// Publishes and waits (bounded) for the broker's confirm.

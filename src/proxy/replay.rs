@@ -324,7 +324,13 @@ mod tests {
         // Accepts connections (the kernel's backlog) and never answers.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy = proxy(&format!("http://{}", silent.local_addr().unwrap()), "");
-        let breaker = proxy.snapshot().route_state("r").unwrap().breaker.clone().unwrap();
+        let breaker = proxy
+            .snapshot()
+            .route_state("r")
+            .unwrap()
+            .breaker
+            .clone()
+            .unwrap();
         let now = Instant::now();
         let p = breaker.acquire(now).unwrap().unwrap();
         let failed = CallOutcome::Failure(FailureKind::ConnectError);
