@@ -594,3 +594,55 @@ async fn a_replay_carries_one_request_id_and_one_idempotency_key() {
     proxy.stop().await;
     rabbit::cleanup(&ch, &route).await;
 }
+
+#[tokio::test]
+async fn a_message_redelivered_past_the_delivery_limit_is_parked_not_dropped() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), true, "delivery_limit = 2\n");
+    let proxy = TestProxy::start(&cfg).await;
+    let r = post(&proxy, "{\"essay\":\"requeued\"}").await;
+    assert!(r.header("x-breakwater-dlq").is_some());
+    let (conn, ch) = rabbit::channel().await;
+    let queue = format!("breakwater.dlq.{route}");
+    let parked = format!("breakwater.dlq.{route}.parked");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
+        1
+    );
+    // What the replay worker does when the breaker refuses or a result cannot be published:
+    // take the message and requeue it, more often than the limit allows.
+    for _ in 0..4 {
+        let Some(m) = ch
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        else {
+            break;
+        };
+        m.delivery
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        rabbit::wait_depth(&conn, &parked, 1, Duration::from_secs(10)).await,
+        1,
+        "the message left {queue} without reaching {parked}"
+    );
+    assert_eq!(rabbit::depth(&conn, &queue).await, 0);
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
