@@ -646,3 +646,79 @@ async fn a_message_redelivered_past_the_delivery_limit_is_parked_not_dropped() {
     proxy.stop().await;
     rabbit::cleanup(&ch, &route).await;
 }
+
+/// This process's TCP connections to the broker right now (socket inodes), from /proc.
+fn own_broker_sockets() -> HashSet<u64> {
+    let ours: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| {
+                let link = std::fs::read_link(e.ok()?.path()).ok()?;
+                let s = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+                s.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let mut out = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let to_broker = f.get(2).is_some_and(|r| r.ends_with(":1628"));
+            if let (true, Some(Ok(inode))) = (to_broker, f.get(9).map(|i| i.parse::<u64>())) {
+                if ours.contains(&inode) {
+                    out.insert(inode);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every broker connection this process had open while `during` ran, sampled from /proc.
+async fn broker_sockets_seen<F: std::future::Future>(during: F) -> HashSet<u64> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut seen = HashSet::new();
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            seen.extend(own_broker_sockets());
+        }
+        seen
+    });
+    during.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap()
+}
+
+#[tokio::test]
+async fn admin_dlq_reads_depths_without_a_new_connection_per_call() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    let first = proxy.admin_get("/admin/dlq").await.unwrap();
+    assert_eq!(first.status, 200);
+    let before = own_broker_sockets();
+    let seen = broker_sockets_seen(async {
+        for _ in 0..30 {
+            let r = proxy.admin_get("/admin/dlq").await.unwrap();
+            assert_eq!(r.status, 200);
+            assert!(r.json()["routes"][route.as_str()].is_object());
+        }
+    })
+    .await;
+    let new: Vec<_> = seen.difference(&before).collect();
+    assert!(
+        new.is_empty(),
+        "30 calls of GET /admin/dlq opened {} broker connections",
+        new.len()
+    );
+    proxy.stop().await;
+    let (_conn, ch) = rabbit::channel().await;
+    rabbit::cleanup(&ch, &route).await;
+}

@@ -106,6 +106,8 @@ struct Inner {
     publisher_blocked: AtomicBool,
     started: std::time::Instant,
     pacers: Mutex<HashMap<String, Pacer>>,
+    /// The connection `GET /admin/dlq` reads queue depths on, kept between calls.
+    admin_link: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
 }
 
 /// The request side and the admin side of the DLQ. Cheap to clone.
@@ -184,47 +186,54 @@ impl DlqHandle {
         self.inner.settings.routes.iter().any(|r| r == route)
     }
 
+    /// Queue and parked depths by passive declares on the admin connection, which is
+    /// opened once and kept (only its channel is reopened: a passive declare of a missing
+    /// queue closes it). Unknown depths are `None`.
+    async fn queue_depths(&self, url: &str) -> HashMap<String, (Option<u32>, Option<u32>)> {
+        let mut slot = self.inner.admin_link.lock().await;
+        let mut out = HashMap::new();
+        if slot.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+            let opened = crate::amqp::connect(url, "breakwater-dlq-admin", &[]).await;
+            *slot = opened.ok();
+        }
+        let Some((conn, ch)) = slot.as_mut() else {
+            return out;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        for r in &self.inner.settings.routes {
+            let depth = |q: String| {
+                let ch = ch.clone();
+                async move {
+                    ch.queue_declare(q.as_str().into(), passive, FieldTable::default())
+                        .await
+                        .ok()
+                        .map(|q| q.message_count())
+                }
+            };
+            let q = depth(rabbit::queue_name(r)).await;
+            let p = depth(rabbit::parked_name(r)).await;
+            out.insert(r.clone(), (q, p));
+            if !ch.status().connected() {
+                match conn.create_channel().await {
+                    Ok(c) => *ch = c,
+                    Err(_) => break,
+                }
+            }
+        }
+        out
+    }
+
     /// For `GET /admin/dlq`.
     pub async fn status(&self) -> serde_json::Value {
         let state = &self.inner.writer.state;
         let oldest = state.oldest_ms.load(Ordering::Relaxed);
         let mut depths: HashMap<String, (Option<u32>, Option<u32>)> = HashMap::new();
         if let Some(url) = &self.inner.settings.amqp_url {
-            let probe = async {
-                let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-                    .await
-                    .ok()?;
-                let ch = conn.create_channel().await.ok()?;
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                };
-                let mut out = HashMap::new();
-                for r in &self.inner.settings.routes {
-                    let q = ch
-                        .queue_declare(
-                            rabbit::queue_name(r).as_str().into(),
-                            passive,
-                            FieldTable::default(),
-                        )
-                        .await
-                        .ok()
-                        .map(|q| q.message_count());
-                    let p = ch
-                        .queue_declare(
-                            rabbit::parked_name(r).as_str().into(),
-                            passive,
-                            FieldTable::default(),
-                        )
-                        .await
-                        .ok()
-                        .map(|q| q.message_count());
-                    out.insert(r.clone(), (q, p));
-                }
-                let _ = conn.close(200, "admin probe".into()).await;
-                Some(out)
-            };
-            if let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+            let probe = self.queue_depths(url);
+            if let Ok(d) = tokio::time::timeout(Duration::from_secs(2), probe).await {
                 depths = d;
             }
         }
@@ -293,6 +302,7 @@ pub fn start(
         publisher_blocked: AtomicBool::new(false),
         started: std::time::Instant::now(),
         pacers: Mutex::new(HashMap::new()),
+        admin_link: tokio::sync::Mutex::new(None),
         settings,
     });
     let handle = DlqHandle {
