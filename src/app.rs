@@ -147,6 +147,7 @@ pub async fn run(
                     },
                     replay_rate_per_s: d.replay_rate_per_s,
                     max_replay_attempts: d.max_replay_attempts,
+                    delivery_limit: d.delivery_limit,
                     prefetch: d.prefetch,
                     confirm_timeout: d.confirm_timeout,
                     queued_wait: d.queued_wait,

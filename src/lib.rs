@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod amqp;
 pub mod app;
 pub mod audit;
 pub mod breaker;

@@ -857,3 +857,194 @@ async fn a_flipped_bit_in_a_spool_length_loses_that_record_only_and_inspect_says
     assert_eq!(replays(&ai), 3);
     proxy.stop().await;
 }
+
+/// Replays `route`'s queue once the AI answers again: breaker back to auto.
+async fn recover_and_replay(proxy: &TestProxy, ai: &MockAi, route: &str) {
+    ai.recover();
+    let r = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/breaker"),
+            r#"{"state":"auto"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn a_replay_carries_one_request_id_and_one_idempotency_key() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.set_error_rate(1.0, 503);
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let (conn, ch) = rabbit::channel().await;
+    let results = rabbit::results_queue(&ch, &format!("test.results.{route}"), &route).await;
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    let req = http::Request::post(proxy.url("/v1/grading"))
+        .header("x-request-id", "client-rid-1")
+        .header("idempotency-key", "client-key-1")
+        .body(Full::new(Bytes::from_static(b"{\"essay\":1}")))
+        .unwrap();
+    let r = proxy.send(req).await;
+    assert!(r.header("x-breakwater-dlq").is_some(), "{:?}", r.headers);
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
+        1
+    );
+    recover_and_replay(&proxy, &ai, &route).await;
+    assert_eq!(
+        rabbit::wait_depth(&conn, &results, 1, Duration::from_secs(20)).await,
+        1
+    );
+    let replay = ai
+        .received()
+        .into_iter()
+        .find(|r| r.headers.contains_key("x-breakwater-replay"))
+        .expect("the replay reached the AI");
+    let values = |name: &str| -> Vec<String> {
+        replay
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(values("x-request-id").len(), 1, "{:?}", replay.headers);
+    assert_eq!(values("idempotency-key").len(), 1, "{:?}", replay.headers);
+    assert_eq!(values("x-breakwater-replay"), ["1"]);
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[tokio::test]
+async fn a_message_redelivered_past_the_delivery_limit_is_parked_not_dropped() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let cfg = dlq_config(&ai, &route, dir.path(), true, "delivery_limit = 2\n");
+    let proxy = TestProxy::start(&cfg).await;
+    let r = post(&proxy, "{\"essay\":\"requeued\"}").await;
+    assert!(r.header("x-breakwater-dlq").is_some());
+    let (conn, ch) = rabbit::channel().await;
+    let queue = format!("breakwater.dlq.{route}");
+    let parked = format!("breakwater.dlq.{route}.parked");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
+        1
+    );
+    // What the replay worker does when the breaker refuses or a result cannot be published:
+    // take the message and requeue it, more often than the limit allows.
+    for _ in 0..4 {
+        let Some(m) = ch
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        else {
+            break;
+        };
+        m.delivery
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        rabbit::wait_depth(&conn, &parked, 1, Duration::from_secs(10)).await,
+        1,
+        "the message left {queue} without reaching {parked}"
+    );
+    assert_eq!(rabbit::depth(&conn, &queue).await, 0);
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+/// This process's TCP connections to the broker right now (socket inodes), from /proc.
+fn own_broker_sockets() -> HashSet<u64> {
+    let ours: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| {
+                let link = std::fs::read_link(e.ok()?.path()).ok()?;
+                let s = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+                s.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let mut out = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let to_broker = f.get(2).is_some_and(|r| r.ends_with(":1628"));
+            if let (true, Some(Ok(inode))) = (to_broker, f.get(9).map(|i| i.parse::<u64>())) {
+                if ours.contains(&inode) {
+                    out.insert(inode);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every broker connection this process had open while `during` ran, sampled from /proc.
+async fn broker_sockets_seen<F: std::future::Future>(during: F) -> HashSet<u64> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut seen = HashSet::new();
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            seen.extend(own_broker_sockets());
+        }
+        seen
+    });
+    during.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap()
+}
+
+#[tokio::test]
+async fn admin_dlq_reads_depths_without_a_new_connection_per_call() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    let first = proxy.admin_get("/admin/dlq").await.unwrap();
+    assert_eq!(first.status, 200);
+    let before = own_broker_sockets();
+    let seen = broker_sockets_seen(async {
+        for _ in 0..30 {
+            let r = proxy.admin_get("/admin/dlq").await.unwrap();
+            assert_eq!(r.status, 200);
+            assert!(r.json()["routes"][route.as_str()].is_object());
+        }
+    })
+    .await;
+    let new: Vec<_> = seen.difference(&before).collect();
+    assert!(
+        new.is_empty(),
+        "30 calls of GET /admin/dlq opened {} broker connections",
+        new.len()
+    );
+    proxy.stop().await;
+    let (_conn, ch) = rabbit::channel().await;
+    rabbit::cleanup(&ch, &route).await;
+}

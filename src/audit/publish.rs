@@ -12,16 +12,13 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::{reconnect_delay, AmqpError};
 use crate::config::AuditPublishConfig;
-use crate::dlq::rabbit::reconnect_delay;
 use crate::telemetry;
 
 /// Routing key of every line: collectors bind `audit.#`.
@@ -122,36 +119,9 @@ async fn run(
 async fn connect(
     config: &AuditPublishConfig,
     instance: &str,
-) -> Result<(Connection, Channel), lapin::Error> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("breakwater-audit-{instance}").into());
-    let conn = Connection::connect(&config.url, props).await?;
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    channel
-        .exchange_declare(
-            config.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((conn, channel))
-}
-
-#[derive(Debug, thiserror::Error)]
-enum PublishError {
-    #[error(transparent)]
-    Amqp(#[from] lapin::Error),
-    #[error("no confirm within {0:?}")]
-    Timeout(Duration),
-    #[error("the broker refused a line (nack)")]
-    Nacked,
+) -> Result<(Connection, Channel), AmqpError> {
+    let name = format!("breakwater-audit-{instance}");
+    crate::amqp::connect(&config.url, &name, &[config.exchange.as_str()]).await
 }
 
 /// Publishes the lines in order, then waits (bounded) for every confirm.
@@ -160,7 +130,7 @@ async fn publish(
     exchange: &str,
     instance: &str,
     lines: &VecDeque<Bytes>,
-) -> Result<(), PublishError> {
+) -> Result<(), AmqpError> {
     let mut confirms = Vec::with_capacity(lines.len());
     for line in lines {
         let props = BasicProperties::default()
@@ -180,12 +150,7 @@ async fn publish(
         );
     }
     for confirm in confirms {
-        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-            Err(_) => return Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(Confirmation::Nack(_))) => return Err(PublishError::Nacked),
-            Ok(Ok(_)) => {}
-        }
+        crate::amqp::confirmed(confirm, CONFIRM_TIMEOUT).await?;
     }
     Ok(())
 }

@@ -233,6 +233,9 @@ pub struct DlqConfig {
     pub fsync_interval: Duration,
     pub replay_rate_per_s: u32,
     pub max_replay_attempts: u32,
+    /// `x-delivery-limit` of each route's quorum queue; past it the broker dead-letters
+    /// the message to the parked queue.
+    pub delivery_limit: u32,
     pub prefetch: u16,
     pub confirm_timeout: Duration,
     pub queued_wait: Duration,

@@ -180,6 +180,7 @@ pub struct RawDlq {
     pub fsync_interval_ms: Option<u64>,
     pub replay_rate_per_s: Option<u32>,
     pub max_replay_attempts: Option<u32>,
+    pub delivery_limit: Option<u32>,
     pub prefetch: Option<u16>,
     pub confirm_timeout_ms: Option<u64>,
     pub queued_wait_ms: Option<u64>,

@@ -911,6 +911,12 @@ fn validate_dlq(e: &mut Errors, d: &RawDlq) -> DlqConfig {
         "dlq.max_replay_attempts",
         "must be at least 1",
     );
+    let delivery_limit = d.delivery_limit.unwrap_or(100);
+    e.check(
+        delivery_limit >= 1,
+        "dlq.delivery_limit",
+        "must be at least 1",
+    );
     let replay_rate_per_s = d.replay_rate_per_s.unwrap_or(50);
     e.check(
         replay_rate_per_s >= 1,
@@ -929,6 +935,7 @@ fn validate_dlq(e: &mut Errors, d: &RawDlq) -> DlqConfig {
         fsync_interval: positive_ms(e, d.fsync_interval_ms, 2, "dlq.fsync_interval_ms"),
         replay_rate_per_s,
         max_replay_attempts,
+        delivery_limit,
         prefetch: d.prefetch.unwrap_or(16).max(1),
         confirm_timeout: positive_ms(e, d.confirm_timeout_ms, 5_000, "dlq.confirm_timeout_ms"),
         queued_wait: ms(d.queued_wait_ms, 20),

@@ -42,12 +42,23 @@ pub struct DlqSettings {
     pub spool: SpoolSettings,
     pub replay_rate_per_s: u32,
     pub max_replay_attempts: u32,
+    pub delivery_limit: u32,
     pub prefetch: u16,
     pub confirm_timeout: Duration,
     /// How long `enqueue` waits for the broker's confirm before answering `spooled`.
     pub queued_wait: Duration,
     pub routes: Vec<String>,
     pub redact_headers: Vec<String>,
+}
+
+impl DlqSettings {
+    fn topology(&self) -> rabbit::Topology {
+        rabbit::Topology {
+            exchange: self.exchange.clone(),
+            results_exchange: self.results_exchange.clone(),
+            delivery_limit: self.delivery_limit,
+        }
+    }
 }
 
 /// The AI answer to a replayed request.
@@ -98,6 +109,8 @@ struct Inner {
     started: std::time::Instant,
     pacers: Mutex<HashMap<String, Pacer>>,
     parked: parked::ParkedStore,
+    /// The connection `GET /admin/dlq` reads queue depths on, kept between calls.
+    admin_link: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
 }
 
 /// The request side and the admin side of the DLQ. Cheap to clone.
@@ -202,47 +215,54 @@ impl DlqHandle {
         self.inner.settings.routes.iter().any(|r| r == route)
     }
 
+    /// Queue and parked depths by passive declares on the admin connection, which is
+    /// opened once and kept (only its channel is reopened: a passive declare of a missing
+    /// queue closes it). Unknown depths are `None`.
+    async fn queue_depths(&self, url: &str) -> HashMap<String, (Option<u32>, Option<u32>)> {
+        let mut slot = self.inner.admin_link.lock().await;
+        let mut out = HashMap::new();
+        if slot.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+            let opened = crate::amqp::connect(url, "breakwater-dlq-admin", &[]).await;
+            *slot = opened.ok();
+        }
+        let Some((conn, ch)) = slot.as_mut() else {
+            return out;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        for r in &self.inner.settings.routes {
+            let depth = |q: String| {
+                let ch = ch.clone();
+                async move {
+                    ch.queue_declare(q.as_str().into(), passive, FieldTable::default())
+                        .await
+                        .ok()
+                        .map(|q| q.message_count())
+                }
+            };
+            let q = depth(rabbit::queue_name(r)).await;
+            let p = depth(rabbit::parked_name(r)).await;
+            out.insert(r.clone(), (q, p));
+            if !ch.status().connected() {
+                match conn.create_channel().await {
+                    Ok(c) => *ch = c,
+                    Err(_) => break,
+                }
+            }
+        }
+        out
+    }
+
     /// For `GET /admin/dlq`.
     pub async fn status(&self) -> serde_json::Value {
         let state = &self.inner.writer.state;
         let oldest = state.oldest_ms.load(Ordering::Relaxed);
         let mut depths: HashMap<String, (Option<u32>, Option<u32>)> = HashMap::new();
         if let Some(url) = &self.inner.settings.amqp_url {
-            let probe = async {
-                let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-                    .await
-                    .ok()?;
-                let ch = conn.create_channel().await.ok()?;
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                };
-                let mut out = HashMap::new();
-                for r in &self.inner.settings.routes {
-                    let q = ch
-                        .queue_declare(
-                            rabbit::queue_name(r).as_str().into(),
-                            passive,
-                            FieldTable::default(),
-                        )
-                        .await
-                        .ok()
-                        .map(|q| q.message_count());
-                    let p = ch
-                        .queue_declare(
-                            rabbit::parked_name(r).as_str().into(),
-                            passive,
-                            FieldTable::default(),
-                        )
-                        .await
-                        .ok()
-                        .map(|q| q.message_count());
-                    out.insert(r.clone(), (q, p));
-                }
-                let _ = conn.close(200, "admin probe".into()).await;
-                Some(out)
-            };
-            if let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+            let probe = self.queue_depths(url);
+            if let Ok(d) = tokio::time::timeout(Duration::from_secs(2), probe).await {
                 depths = d;
             }
         }
@@ -312,6 +332,7 @@ pub fn start(
         started: std::time::Instant::now(),
         pacers: Mutex::new(HashMap::new()),
         parked: parked::ParkedStore::new(&settings.spool.dir),
+        admin_link: tokio::sync::Mutex::new(None),
         settings,
     });
     let handle = DlqHandle {
@@ -443,14 +464,7 @@ async fn publish_batch(
 ) -> usize {
     if link.as_ref().is_none_or(|l| !l.healthy()) {
         inner.publisher_connected.store(false, Ordering::Relaxed);
-        match Link::connect(
-            url,
-            &inner.settings.exchange,
-            &inner.settings.results_exchange,
-            "breakwater-dlq-publisher",
-        )
-        .await
-        {
+        match Link::connect(url, &inner.settings.topology(), "breakwater-dlq-publisher").await {
             Ok(l) => {
                 tracing::info!("DLQ publisher connected to RabbitMQ");
                 *link = Some(l);
@@ -576,219 +590,283 @@ async fn replay_worker(
     target: Arc<dyn ReplayTarget>,
     shutdown: CancellationToken,
 ) {
-    let inner = handle.inner.clone();
-    let Some(url) = inner.settings.amqp_url.clone() else {
+    let Some(url) = handle.inner.settings.amqp_url.clone() else {
         return;
     };
-    let counters = handle.counters(&route);
+    let worker = Worker {
+        inner: handle.inner.clone(),
+        counters: handle.counters(&route),
+        route,
+        target,
+        shutdown,
+    };
     let mut attempt = 0u32;
-    let mut pacer = Pacer::new(inner.settings.replay_rate_per_s);
-    'outer: loop {
-        // Wait until there is a reason to consume.
-        loop {
-            let triggered = counters.triggered.load(Ordering::Relaxed);
-            if triggered || (!counters.paused.load(Ordering::Relaxed) && target.ready(&route)) {
-                break;
-            }
-            if sleep_or_stop(Duration::from_millis(250), &shutdown).await {
-                return;
-            }
+    let mut pacer = Pacer::new(worker.inner.settings.replay_rate_per_s);
+    loop {
+        if worker.wait_until_wanted().await {
+            return;
         }
-        let mut link = match Link::connect(
-            &url,
-            &inner.settings.exchange,
-            &inner.settings.results_exchange,
-            &format!("breakwater-replay-{route}"),
-        )
-        .await
-        {
-            Ok(l) => l,
+        let (link, mut consumer) = match worker.open_consumer(&url).await {
+            Ok(c) => c,
             Err(e) => {
                 attempt += 1;
-                tracing::debug!(error = %e, "replay worker cannot reach RabbitMQ");
-                if sleep_or_stop(rabbit::reconnect_delay(attempt), &shutdown).await {
+                tracing::debug!(error = %e, route = %worker.route, "replay worker cannot consume from RabbitMQ");
+                if sleep_or_stop(rabbit::reconnect_delay(attempt), &worker.shutdown).await {
                     return;
                 }
                 continue;
             }
         };
         attempt = 0;
-        if link.declare_route(&route).await.is_err() {
-            continue;
+        match worker.consume(&link, &mut consumer, &mut pacer).await {
+            Step::Stop => return,
+            Step::Reconnect => {}
         }
-        let consume = async {
-            link.channel
-                .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
-                .await?;
-            link.channel
-                .basic_consume(
-                    rabbit::queue_name(&route).as_str().into(),
-                    format!("breakwater-replay-{route}").as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-        };
-        let mut consumer = match consume.await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, route, "cannot consume the DLQ queue");
-                continue;
+    }
+}
+
+/// Why the consuming loop ended.
+enum Step {
+    /// Paused, not ready, or the link broke: close and wait for a reason to consume again.
+    Reconnect,
+    Stop,
+}
+
+/// One route's replay worker and what it reads.
+struct Worker {
+    inner: Arc<Inner>,
+    counters: Arc<RouteCounters>,
+    route: String,
+    target: Arc<dyn ReplayTarget>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    fn wanted(&self) -> bool {
+        self.counters.triggered.load(Ordering::Relaxed)
+            || (!self.counters.paused.load(Ordering::Relaxed) && self.target.ready(&self.route))
+    }
+
+    /// Waits until there is a reason to consume; true when shutting down instead.
+    async fn wait_until_wanted(&self) -> bool {
+        while !self.wanted() {
+            if sleep_or_stop(Duration::from_millis(250), &self.shutdown).await {
+                return true;
             }
-        };
+        }
+        false
+    }
+
+    async fn open_consumer(&self, url: &str) -> Result<(Link, lapin::Consumer), RabbitError> {
+        let name = format!("breakwater-replay-{}", self.route);
+        let mut link = Link::connect(url, &self.inner.settings.topology(), &name).await?;
+        link.declare_route(&self.route).await?;
+        link.channel
+            .basic_qos(self.inner.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = link
+            .channel
+            .basic_consume(
+                rabbit::queue_name(&self.route).as_str().into(),
+                name.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((link, consumer))
+    }
+
+    /// Takes deliveries while the route is wanted; unacked messages go back to the queue
+    /// when the connection closes.
+    async fn consume(
+        &self,
+        link: &Link,
+        consumer: &mut lapin::Consumer,
+        pacer: &mut Pacer,
+    ) -> Step {
         loop {
-            let triggered = counters.triggered.load(Ordering::Relaxed);
-            if !triggered && (counters.paused.load(Ordering::Relaxed) || !target.ready(&route)) {
-                // Stop consuming: unacked messages go back to the queue on close.
+            if !self.wanted() {
                 let _ = link.conn.close(200, "replay paused".into()).await;
-                continue 'outer;
+                return Step::Reconnect;
             }
             let next = tokio::select! {
                 n = tokio::time::timeout(Duration::from_millis(500), consumer.next()) => n,
-                _ = shutdown.cancelled() => {
+                _ = self.shutdown.cancelled() => {
                     let _ = link.conn.close(200, "shutdown".into()).await;
-                    return;
+                    return Step::Stop;
                 }
             };
             let delivery = match next {
                 Err(_) => {
                     // Queue empty for now: a trigger is satisfied.
-                    counters.triggered.store(false, Ordering::Relaxed);
+                    self.counters.triggered.store(false, Ordering::Relaxed);
                     continue;
                 }
-                Ok(None) | Ok(Some(Err(_))) => continue 'outer,
+                Ok(None) | Ok(Some(Err(_))) => return Step::Reconnect,
                 Ok(Some(Ok(d))) => d,
             };
             pacer.wait().await;
-            let mut env: Envelope = match serde_json::from_slice(&delivery.data) {
-                Ok(e) => e,
-                Err(e) => {
-                    park(
-                        &link,
-                        &route,
-                        &delivery.data,
-                        "unknown",
-                        &format!("unreadable message: {e}"),
-                        &inner,
-                    )
-                    .await;
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
-                    continue;
-                }
-            };
-            let attempts = env.attempts + 1;
-            let result = target.replay(&env).await;
-            target.recorded(&env, &result);
-            match result {
-                Ok(answer) => {
-                    let body = serde_json::json!({
-                        "msg_id": env.msg_id,
-                        "request_id": env.request_id,
-                        "route": env.route,
-                        "status": answer.status,
-                        "model_version": answer.model_version,
-                        "upstream": answer.upstream,
-                        "headers": answer.headers,
-                        "body_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &answer.body),
-                        "replayed_at": crate::audit::rfc3339(std::time::SystemTime::now()),
-                        "attempts": attempts,
-                    });
-                    let mut headers = FieldTable::default();
-                    headers.insert(
-                        "request_id".into(),
-                        AMQPValue::LongString(env.request_id.as_str().into()),
-                    );
-                    let ex = link.results_exchange().to_string();
-                    let published = link
-                        .publish(
-                            &ex,
-                            &rabbit::result_key(&route),
-                            body.to_string().as_bytes(),
-                            &env.msg_id,
-                            headers,
-                            inner.settings.confirm_timeout,
-                        )
-                        .await;
-                    match published {
-                        Ok(()) => {
-                            counters.replayed.fetch_add(1, Ordering::Relaxed);
-                            metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => route.clone(), "result" => "replayed").increment(1);
-                            let _ = delivery.ack(BasicAckOptions::default()).await;
-                        }
-                        Err(e) => {
-                            // The AI answered but the result is not out yet: redeliver (the
-                            // AI sees the same Idempotency-Key again).
-                            tracing::warn!(error = %e, "cannot publish a replay result; requeueing");
-                            let _ = delivery
-                                .nack(BasicNackOptions {
-                                    requeue: true,
-                                    ..Default::default()
-                                })
-                                .await;
-                            continue 'outer;
-                        }
-                    }
-                }
-                Err(failure) if !failure.attempted => {
-                    // Not tried (the breaker is probing or open): back to the queue as is.
-                    let _ = delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
-                    if sleep_or_stop(Duration::from_millis(250), &shutdown).await {
-                        return;
-                    }
-                }
-                Err(failure) => {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => route.clone(), "result" => "failed").increment(1);
-                    // The attempt count travels in the message itself (`attempts`), so only
-                    // real tries count, not redeliveries after a consumer stopped.
-                    env.attempts = attempts;
-                    let payload =
-                        serde_json::to_vec(&env).unwrap_or_else(|_| delivery.data.clone());
-                    let handed_on = if !failure.retryable
-                        || attempts >= inner.settings.max_replay_attempts
-                    {
-                        let reason = format!("{} (after {attempts} attempt(s))", failure.reason);
-                        let parked =
-                            park(&link, &route, &payload, &env.msg_id, &reason, &inner).await;
-                        if parked {
-                            counters.parked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        parked
-                    } else {
-                        let ex = link.dlq_exchange().to_string();
-                        link.publish(
-                            &ex,
-                            &rabbit::replay_key(&route),
-                            &payload,
-                            &env.msg_id,
-                            FieldTable::default(),
-                            inner.settings.confirm_timeout,
-                        )
-                        .await
-                        .is_ok()
-                    };
-                    if handed_on {
-                        let _ = delivery.ack(BasicAckOptions::default()).await;
-                    } else {
-                        let _ = delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            })
-                            .await;
-                    }
-                    // Do not spin on a message the AI keeps refusing.
-                    if sleep_or_stop(Duration::from_millis(200), &shutdown).await {
-                        return;
-                    }
-                }
+            if let Some(step) = self.replay_delivery(link, delivery).await {
+                return step;
             }
         }
+    }
+
+    /// Replays one delivery and settles it; `Some` ends the consuming loop.
+    async fn replay_delivery(
+        &self,
+        link: &Link,
+        delivery: lapin::message::Delivery,
+    ) -> Option<Step> {
+        let env: Envelope = match serde_json::from_slice(&delivery.data) {
+            Ok(e) => e,
+            Err(e) => {
+                let reason = format!("unreadable message: {e}");
+                let parked = park(
+                    link,
+                    &self.route,
+                    &delivery.data,
+                    "unknown",
+                    &reason,
+                    &self.inner,
+                )
+                .await;
+                settle(&delivery, parked, false).await;
+                return None;
+            }
+        };
+        let result = self.target.replay(&env).await;
+        self.target.recorded(&env, &result);
+        match result {
+            Ok(answer) => {
+                if self.publish_result(link, &env, &answer).await {
+                    self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => self.route.clone(), "result" => "replayed").increment(1);
+                    settle(&delivery, true, true).await;
+                    None
+                } else {
+                    // The AI answered but the result is not out yet: redeliver (the AI sees
+                    // the same Idempotency-Key again; the delivery limit parks it at worst).
+                    settle(&delivery, false, true).await;
+                    Some(Step::Reconnect)
+                }
+            }
+            Err(failure) if !failure.attempted => {
+                // Not tried (the breaker is probing or open): back to the queue as is.
+                settle(&delivery, false, true).await;
+                sleep_or_stop(Duration::from_millis(250), &self.shutdown)
+                    .await
+                    .then_some(Step::Stop)
+            }
+            Err(failure) => {
+                let handed_on = self
+                    .hand_on_failure(link, env, &delivery.data, &failure)
+                    .await;
+                settle(&delivery, handed_on, true).await;
+                // Do not spin on a message the AI keeps refusing.
+                sleep_or_stop(Duration::from_millis(200), &self.shutdown)
+                    .await
+                    .then_some(Step::Stop)
+            }
+        }
+    }
+
+    /// Publishes the AI's answer to the results exchange; true once confirmed.
+    async fn publish_result(&self, link: &Link, env: &Envelope, answer: &ReplayAnswer) -> bool {
+        let body = serde_json::json!({
+            "msg_id": env.msg_id,
+            "request_id": env.request_id,
+            "route": env.route,
+            "status": answer.status,
+            "model_version": answer.model_version,
+            "upstream": answer.upstream,
+            "headers": answer.headers,
+            "body_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &answer.body),
+            "replayed_at": crate::audit::rfc3339(std::time::SystemTime::now()),
+            "attempts": env.attempts + 1,
+        });
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "request_id".into(),
+            AMQPValue::LongString(env.request_id.as_str().into()),
+        );
+        let published = link
+            .publish(
+                link.results_exchange(),
+                &rabbit::result_key(&self.route),
+                body.to_string().as_bytes(),
+                &env.msg_id,
+                headers,
+                self.inner.settings.confirm_timeout,
+            )
+            .await;
+        if let Err(e) = &published {
+            tracing::warn!(error = %e, route = %self.route, "cannot publish a replay result; requeueing");
+        }
+        published.is_ok()
+    }
+
+    /// A tried and failed replay: parked when another try cannot help or the attempts are
+    /// used up, else republished with its attempt counted. True once the broker confirmed.
+    async fn hand_on_failure(
+        &self,
+        link: &Link,
+        mut env: Envelope,
+        original: &[u8],
+        failure: &ReplayFailure,
+    ) -> bool {
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::REPLAYS_TOTAL, "route" => self.route.clone(), "result" => "failed").increment(1);
+        // The attempt count travels in the message itself (`attempts`), so only real tries
+        // count, not redeliveries after a consumer stopped.
+        let attempts = env.attempts + 1;
+        env.attempts = attempts;
+        let payload = serde_json::to_vec(&env).unwrap_or_else(|_| original.to_vec());
+        if !failure.retryable || attempts >= self.inner.settings.max_replay_attempts {
+            let reason = format!("{} (after {attempts} attempt(s))", failure.reason);
+            let parked = park(
+                link,
+                &self.route,
+                &payload,
+                &env.msg_id,
+                &reason,
+                &self.inner,
+            )
+            .await;
+            if parked {
+                self.counters.parked.fetch_add(1, Ordering::Relaxed);
+            }
+            return parked;
+        }
+        link.publish(
+            link.dlq_exchange(),
+            &rabbit::replay_key(&self.route),
+            &payload,
+            &env.msg_id,
+            FieldTable::default(),
+            self.inner.settings.confirm_timeout,
+        )
+        .await
+        .is_ok()
+    }
+}
+
+/// Acks a delivery that was handed on (confirmed elsewhere). Otherwise requeues it, or
+/// with `requeue` false rejects it, which the queue's dead-lettering sends to the parked
+/// queue: a message is acked only once it is safe somewhere else.
+async fn settle(delivery: &lapin::message::Delivery, handed_on: bool, requeue: bool) {
+    let settled = if handed_on {
+        delivery.ack(BasicAckOptions::default()).await
+    } else {
+        delivery
+            .nack(BasicNackOptions {
+                requeue,
+                ..Default::default()
+            })
+            .await
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "cannot settle a DLQ delivery; the broker redelivers it");
     }
 }
 

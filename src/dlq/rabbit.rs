@@ -5,28 +5,13 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Confirmation;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use rand::Rng;
+use lapin::{BasicProperties, Channel, Connection};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RabbitError {
-    #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("RabbitMQ did not confirm within {0:?}")]
-    ConfirmTimeout(Duration),
-    #[error("RabbitMQ returned the message as unroutable")]
-    Unroutable,
-    #[error("RabbitMQ nacked the message")]
-    Nacked,
-    #[error("RabbitMQ is blocking publishers (resource alarm)")]
-    Blocked,
-}
+pub use crate::amqp::reconnect_delay;
+/// The DLQ's RabbitMQ errors are the shared helper's.
+pub type RabbitError = crate::amqp::AmqpError;
 
 pub fn queue_name(route: &str) -> String {
     format!("breakwater.dlq.{route}")
@@ -49,14 +34,15 @@ pub fn result_key(route: &str) -> String {
     format!("ai.result.{route}")
 }
 
-/// Capped exponential backoff with full jitter for reconnects.
-pub fn reconnect_delay(attempt: u32) -> Duration {
-    let cap = Duration::from_millis(100)
-        .saturating_mul(1 << attempt.min(7))
-        .min(Duration::from_secs(10));
-    Duration::from_millis(
-        rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64),
-    )
+/// What every DLQ connection declares: the two exchanges and, per route, the queues with
+/// the same arguments (a queue declared twice with different arguments is refused).
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub exchange: String,
+    pub results_exchange: String,
+    /// `x-delivery-limit` of the route queue: past it the broker dead-letters the message
+    /// to the parked queue instead of dropping it (RabbitMQ 4 defaults quorum queues to 20).
+    pub delivery_limit: u32,
 }
 
 /// One connection with one confirm-mode channel, and the topology it has declared.
@@ -64,43 +50,21 @@ pub struct Link {
     pub conn: Connection,
     pub channel: Channel,
     declared: HashSet<String>,
-    exchange: String,
-    results_exchange: String,
+    topology: Topology,
 }
 
 impl Link {
-    pub async fn connect(
-        url: &str,
-        exchange: &str,
-        results_exchange: &str,
-        name: &str,
-    ) -> Result<Link, RabbitError> {
-        let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
-        let conn = Connection::connect(url, props).await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        for ex in [exchange, results_exchange] {
-            channel
-                .exchange_declare(
-                    ex.into(),
-                    ExchangeKind::Topic,
-                    durable,
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+    pub async fn connect(url: &str, topology: &Topology, name: &str) -> Result<Link, RabbitError> {
+        let exchanges = [
+            topology.exchange.as_str(),
+            topology.results_exchange.as_str(),
+        ];
+        let (conn, channel) = crate::amqp::connect(url, name, &exchanges).await?;
         Ok(Link {
             conn,
             channel,
             declared: HashSet::new(),
-            exchange: exchange.to_string(),
-            results_exchange: results_exchange.to_string(),
+            topology: topology.clone(),
         })
     }
 
@@ -117,30 +81,41 @@ impl Link {
         if self.declared.contains(route) {
             return Ok(());
         }
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
         let durable = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        for q in [
-            queue_name(route),
-            parked_name(route),
-            results_queue_name(route),
-        ] {
+        for q in [parked_name(route), results_queue_name(route)] {
             self.channel
-                .queue_declare(q.as_str().into(), durable, args.clone())
+                .queue_declare(q.as_str().into(), durable, quorum())
                 .await?;
+        }
+        let args = self.route_queue_args(route);
+        let queue = queue_name(route);
+        match self
+            .channel
+            .queue_declare(queue.as_str().into(), durable, args)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if precondition_failed(&e) => {
+                // Declared by an older breakwater without the delivery limit: the broker
+                // keeps the old arguments and closed this channel. Keep working with the
+                // queue as it is and say what to do (see README, "Upgrading the DLQ queues").
+                tracing::error!(queue, "the DLQ queue exists with other arguments: no x-delivery-limit / dead-lettering to the parked queue; apply a policy or recreate the queue (README: Upgrading the DLQ queues)");
+                self.channel = self.conn.create_channel().await?;
+                self.channel
+                    .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
         }
         // Results are published mandatory: a durable queue keeps them until Magento's
         // consumer takes them, so a result is never dropped for want of a binding.
         self.channel
             .queue_bind(
                 results_queue_name(route).as_str().into(),
-                self.results_exchange.as_str().into(),
+                self.topology.results_exchange.as_str().into(),
                 result_key(route).as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -149,7 +124,7 @@ impl Link {
         self.channel
             .queue_bind(
                 queue_name(route).as_str().into(),
-                self.exchange.as_str().into(),
+                self.topology.exchange.as_str().into(),
                 replay_key(route).as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -197,13 +172,7 @@ impl Link {
         confirm: lapin::PublisherConfirm,
         timeout: Duration,
     ) -> Result<(), RabbitError> {
-        match tokio::time::timeout(timeout, confirm).await {
-            Err(_) => Err(RabbitError::ConfirmTimeout(timeout)),
-            Ok(Err(e)) => Err(e.into()),
-            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(RabbitError::Unroutable),
-            Ok(Ok(Confirmation::Nack(_))) => Err(RabbitError::Nacked),
-        }
+        crate::amqp::confirmed(confirm, timeout).await
     }
 
     /// Publishes and waits (bounded) for the broker's confirm.
@@ -223,10 +192,50 @@ impl Link {
     }
 
     pub fn dlq_exchange(&self) -> &str {
-        &self.exchange
+        &self.topology.exchange
     }
 
     pub fn results_exchange(&self) -> &str {
-        &self.results_exchange
+        &self.topology.results_exchange
     }
+
+    /// Quorum, with an explicit delivery limit, dead-lettering (at least once) to the
+    /// route's parked queue through the default exchange.
+    fn route_queue_args(&self, route: &str) -> FieldTable {
+        let mut args = quorum();
+        let limit = i64::from(self.topology.delivery_limit);
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(parked_name(route).as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        // at-least-once dead-lettering requires reject-publish overflow.
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        args
+    }
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// The broker refused a declare because the queue exists with other arguments (406).
+fn precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 406)
 }

@@ -117,6 +117,21 @@ impl SharedBreaker {
     fn release(&self, permit: Permit, now: Instant) {
         self.with(|m| m.release(permit, now));
     }
+
+    /// Asks for a permit for one call that must end by `deadline`; `Err(retry_in)` when the
+    /// breaker refuses.
+    pub fn guard(
+        self: &Arc<Self>,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<PermitGuard, std::time::Duration> {
+        Ok(PermitGuard {
+            breaker: self.clone(),
+            permit: self.acquire(now)?,
+            started: now,
+            deadline,
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -146,13 +161,32 @@ pub struct Breaker<S> {
     breaker: Arc<SharedBreaker>,
 }
 
-/// Reports an attempt whose future was dropped: past the route deadline that is a
-/// timeout; otherwise (client went away) the probe slot is simply given back.
-struct PermitGuard {
+/// A breaker permit that cannot leak: the data path and the replay path both hold one.
+/// `finish` reports how the call went; dropped unfinished (future cancelled, early return),
+/// it counts as a timeout when past the deadline and otherwise just gives the (half-open
+/// probe) slot back.
+#[derive(Debug)]
+pub struct PermitGuard {
     breaker: Arc<SharedBreaker>,
     permit: Option<Permit>,
     started: Instant,
     deadline: Instant,
+}
+
+impl PermitGuard {
+    /// Reports the call: `Some(outcome)` is judged, `None` (says nothing about the AI's
+    /// health) just releases the slot.
+    pub fn finish(mut self, outcome: Option<CallOutcome>) {
+        if let Some(permit) = self.permit.take() {
+            let now = Instant::now();
+            match outcome {
+                Some(outcome) => self
+                    .breaker
+                    .record(permit, outcome, now - self.started, now),
+                None => self.breaker.release(permit, now),
+            }
+        }
+    }
 }
 
 impl Drop for PermitGuard {
@@ -184,9 +218,8 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
-        let now = Instant::now();
-        let permit = match self.breaker.acquire(now) {
-            Ok(p) => p,
+        let guard = match self.breaker.guard(Instant::now(), req.meta.deadline) {
+            Ok(g) => g,
             Err(retry_in) => {
                 let variant = self.breaker.variant.as_deref().map(Arc::<str>::from);
                 req.meta.refused_by(None, variant.as_ref());
@@ -194,23 +227,10 @@ where
                 return Box::pin(std::future::ready(Err(e)));
             }
         };
-        let mut guard = PermitGuard {
-            breaker: self.breaker.clone(),
-            permit,
-            started: now,
-            deadline: req.meta.deadline,
-        };
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            let now = Instant::now();
-            if let Some(permit) = guard.permit.take() {
-                let latency = now - guard.started;
-                match outcome_of(&result) {
-                    Some(outcome) => guard.breaker.record(permit, outcome, latency, now),
-                    None => guard.breaker.release(permit, now),
-                }
-            }
+            guard.finish(outcome_of(&result));
             result
         })
     }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use http_body_util::BodyExt;
 
+use super::error::{ErrorKind, ProxyError};
 use super::types::{DlqOutcome, ProxyRequest, Reason};
 use super::Proxy;
 use crate::audit::{Decision, Entry};
-use crate::breaker::BreakerState;
+use crate::breaker::{BreakerState, CallOutcome, FailureKind};
 use crate::dlq::{DlqHandle, Envelope, ReplayAnswer, ReplayFailure, ReplayFuture, ReplayTarget};
 use crate::layers::dlq::{DeadLetters, DlqFuture};
 
@@ -83,116 +84,8 @@ impl ReplayTarget for ProxyReplay {
         let proxy = self.proxy.upgrade();
         let env = env.clone();
         Box::pin(async move {
-            let fail = |reason: String, retryable: bool| ReplayFailure {
-                reason,
-                retryable,
-                attempted: true,
-            };
-            let not_tried = |reason: &str| ReplayFailure {
-                reason: reason.to_string(),
-                retryable: true,
-                attempted: false,
-            };
             let proxy = proxy.ok_or_else(|| not_tried("shutting down"))?;
-            let snap = proxy.snapshot();
-            let route = snap
-                .config
-                .route(&env.route)
-                .cloned()
-                .ok_or_else(|| fail(format!("route {} no longer exists", env.route), false))?;
-            let up_cfg = snap
-                .config
-                .upstreams
-                .get(&route.upstream)
-                .ok_or_else(|| fail("upstream missing".into(), true))?;
-            let upstream = proxy
-                .shared
-                .upstream_client(up_cfg)
-                .map_err(|e| fail(e, true))?;
-            // Replays pass the route's breaker too: a still-failing AI opens it, which stops
-            // the replay worker instead of burning the messages' attempts.
-            let breaker = snap.route_state(&env.route).and_then(|s| s.breaker.clone());
-            let started = tokio::time::Instant::now();
-            let mut permit = match &breaker {
-                Some(b) => match b.acquire(started) {
-                    Ok(p) => p,
-                    Err(_) => return Err(not_tried("the route's breaker is open")),
-                },
-                None => None,
-            };
-            let mut judge = |outcome: crate::breaker::CallOutcome| {
-                if let (Some(b), Some(p)) = (&breaker, permit.take()) {
-                    let now = tokio::time::Instant::now();
-                    b.record(p, outcome, now - started, now);
-                }
-            };
-            let body = env
-                .body()
-                .map_err(|e| fail(format!("bad body: {e}"), false))?;
-            let mut req = http::Request::builder()
-                .method(env.method.as_str())
-                .uri(env.path_and_query());
-            for (k, v) in &env.headers {
-                req = req.header(k.as_str(), v.as_str());
-            }
-            let req = req
-                .header("idempotency-key", env.msg_id.as_str())
-                .header("x-request-id", env.request_id.as_str())
-                .header("x-breakwater-replay", "1")
-                .body(body)
-                .map_err(|e| fail(format!("cannot rebuild the request: {e}"), false))?;
-            let sent = tokio::time::timeout(route.timeout, async {
-                let (resp, _) = upstream.send(&req).await?;
-                let (parts, body) = resp.into_parts();
-                let body = body.collect().await.map(|c| c.to_bytes()).map_err(|e| {
-                    super::error::ErrorKind::Transport {
-                        message: e.to_string(),
-                        sent: true,
-                    }
-                })?;
-                Ok::<_, super::error::ErrorKind>((parts, body))
-            })
-            .await;
-            use crate::breaker::{CallOutcome, FailureKind};
-            let (parts, body) = match sent {
-                Err(_) => {
-                    judge(CallOutcome::Failure(FailureKind::Timeout));
-                    return Err(fail(format!("timed out after {:?}", route.timeout), true));
-                }
-                Ok(Err(e)) => {
-                    judge(CallOutcome::Failure(FailureKind::ConnectError));
-                    return Err(fail(e.to_string(), true));
-                }
-                Ok(Ok(r)) => r,
-            };
-            let status = parts.status.as_u16();
-            judge(crate::breaker::classify_status(status));
-            if parts.status.is_server_error() || status == 429 {
-                return Err(fail(format!("the AI answered {status}"), true));
-            }
-            if parts.status.is_client_error() {
-                return Err(fail(
-                    format!("the AI rejected the request with {status}"),
-                    false,
-                ));
-            }
-            let model_version = route
-                .model_version_header
-                .as_ref()
-                .and_then(|h| parts.headers.get(h))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            Ok(ReplayAnswer {
-                status,
-                headers: parts
-                    .headers
-                    .iter()
-                    .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
-                    .collect(),
-                body,
-                model_version,
-                upstream: route.upstream.clone(),
-            })
+            replay_once(&proxy, &env).await
         })
     }
 
@@ -236,5 +129,263 @@ impl ReplayTarget for ProxyReplay {
         };
         let entry = Entry::Decision(record);
         audit.submit_now(entry);
+    }
+}
+
+fn fail(reason: String, retryable: bool) -> ReplayFailure {
+    ReplayFailure {
+        reason,
+        retryable,
+        attempted: true,
+    }
+}
+
+fn not_tried(reason: &str) -> ReplayFailure {
+    ReplayFailure {
+        reason: reason.to_string(),
+        retryable: true,
+        attempted: false,
+    }
+}
+
+/// Headers breakwater sets on a replay itself: the stored copies are dropped, never sent
+/// next to the new values.
+const REPLACED_HEADERS: [&str; 3] = ["idempotency-key", "x-request-id", "x-breakwater-replay"];
+
+/// One replay through the route's upstream and breaker. The breaker permit is a guard:
+/// an early return or a dropped future gives its (half-open probe) slot back.
+async fn replay_once(proxy: &Proxy, env: &Envelope) -> Result<ReplayAnswer, ReplayFailure> {
+    let snap = proxy.snapshot();
+    let route = snap
+        .config
+        .route(&env.route)
+        .cloned()
+        .ok_or_else(|| fail(format!("route {} no longer exists", env.route), false))?;
+    let up_cfg = snap
+        .config
+        .upstreams
+        .get(&route.upstream)
+        .ok_or_else(|| fail("upstream missing".into(), true))?;
+    let upstream = proxy
+        .shared
+        .upstream_client(up_cfg)
+        .map_err(|e| fail(e, true))?;
+    let req = rebuild_request(env)?;
+    // Replays pass the route's breaker too: a still-failing AI opens it, which stops the
+    // replay worker instead of burning the messages' attempts.
+    let started = tokio::time::Instant::now();
+    let guard = match snap.route_state(&env.route).and_then(|s| s.breaker.clone()) {
+        Some(b) => match b.guard(started, started + route.timeout) {
+            Ok(g) => Some(g),
+            Err(_) => return Err(not_tried("the route's breaker is open")),
+        },
+        None => None,
+    };
+    let limit = snap.config.server.max_response_buffer_bytes;
+    let sent = tokio::time::timeout(route.timeout, fetch(&upstream, &req, limit)).await;
+    let judge = |outcome: Option<CallOutcome>| {
+        if let Some(g) = guard {
+            g.finish(outcome);
+        }
+    };
+    let (parts, body) = match sent {
+        Err(_) => {
+            judge(Some(CallOutcome::Failure(FailureKind::Timeout)));
+            return Err(fail(format!("timed out after {:?}", route.timeout), true));
+        }
+        Ok(Err(Fetched::Failed(e))) => {
+            let reason = e.to_string();
+            judge(ProxyError::from(e).call_outcome());
+            return Err(fail(reason, true));
+        }
+        Ok(Err(Fetched::TooLarge(status))) => {
+            // The AI answered; the answer is too big to carry. Its health is not in doubt.
+            judge(Some(crate::breaker::classify_status(status)));
+            return Err(fail(
+                format!("the AI's answer ({status}) is larger than server.max_response_buffer_bytes = {limit}"),
+                false,
+            ));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = parts.status.as_u16();
+    judge(Some(crate::breaker::classify_status(status)));
+    if parts.status.is_server_error() || status == 429 {
+        return Err(fail(format!("the AI answered {status}"), true));
+    }
+    if parts.status.is_client_error() {
+        return Err(fail(
+            format!("the AI rejected the request with {status}"),
+            false,
+        ));
+    }
+    let model_version = route
+        .model_version_header
+        .as_ref()
+        .and_then(|h| parts.headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok(ReplayAnswer {
+        status,
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        body,
+        model_version,
+        upstream: route.upstream.clone(),
+    })
+}
+
+/// The stored request, with `Idempotency-Key` = the message id (the AI deduplicates on it)
+/// and the original `x-request-id`, each exactly once.
+fn rebuild_request(env: &Envelope) -> Result<http::Request<bytes::Bytes>, ReplayFailure> {
+    let body = env
+        .body()
+        .map_err(|e| fail(format!("bad body: {e}"), false))?;
+    let mut req = http::Request::builder()
+        .method(env.method.as_str())
+        .uri(env.path_and_query());
+    for (k, v) in &env.headers {
+        if !REPLACED_HEADERS.iter().any(|h| k.eq_ignore_ascii_case(h)) {
+            req = req.header(k.as_str(), v.as_str());
+        }
+    }
+    req.header("idempotency-key", env.msg_id.as_str())
+        .header("x-request-id", env.request_id.as_str())
+        .header("x-breakwater-replay", "1")
+        .body(body)
+        .map_err(|e| fail(format!("cannot rebuild the request: {e}"), false))
+}
+
+enum Fetched {
+    Failed(ErrorKind),
+    /// The answer's status; its body was over the limit.
+    TooLarge(u16),
+}
+
+/// Sends the request and reads at most `limit` bytes of the answer: a bigger answer is
+/// refused without being buffered.
+async fn fetch(
+    upstream: &crate::upstream::Upstream,
+    req: &http::Request<bytes::Bytes>,
+    limit: u64,
+) -> Result<(http::response::Parts, bytes::Bytes), Fetched> {
+    let (resp, _) = upstream.send(req).await.map_err(Fetched::Failed)?;
+    let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok((parts, c.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Fetched::TooLarge(status)),
+        Err(e) => Err(Fetched::Failed(ErrorKind::Transport {
+            message: e.to_string(),
+            sent: true,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::{CallOutcome, FailureKind};
+    use crate::config::Config;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+
+    /// One route `r` to `upstream`, whose breaker opens on one failure and admits one probe.
+    fn proxy(upstream: &str, server_extra: &str) -> Arc<Proxy> {
+        let text = format!(
+            "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n{server_extra}\n\
+             [upstreams.a]\nurl=\"{upstream}\"\n\
+             [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\ntimeout_ms=5000\nreplayable=true\n\
+             [routes.breaker]\nconsecutive_failures=1\nopen_ms=1000\nopen_max_ms=1000\nhalf_open_probes=1\n"
+        );
+        Proxy::new(Config::from_toml(&text).unwrap()).unwrap()
+    }
+
+    fn envelope() -> Envelope {
+        serde_json::from_value(serde_json::json!({
+            "msg_id": "m-1", "route": "r", "request_id": "rid-1",
+            "created_at": "2026-01-01T00:00:00Z", "reason": "upstream_5xx", "attempts": 0,
+            "method": "POST", "path": "/v1/grading", "query": null,
+            "headers": [["content-type", "application/json"]],
+            "body_b64": "e30=", "model_version_requested": null
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_replay_future_gives_its_half_open_slot_back() {
+        // Accepts connections (the kernel's backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = proxy(&format!("http://{}", silent.local_addr().unwrap()), "");
+        let breaker = proxy
+            .snapshot()
+            .route_state("r")
+            .unwrap()
+            .breaker
+            .clone()
+            .unwrap();
+        let now = Instant::now();
+        let p = breaker.acquire(now).unwrap().unwrap();
+        let failed = CallOutcome::Failure(FailureKind::ConnectError);
+        breaker.record(p, failed, Duration::from_millis(1), now);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(breaker.state(Instant::now()), BreakerState::HalfOpen);
+
+        let target = ProxyReplay {
+            proxy: Arc::downgrade(&proxy),
+        };
+        let mut fut = target.replay(&envelope());
+        let polled = tokio::time::timeout(Duration::from_millis(50), &mut fut).await;
+        assert!(polled.is_err(), "the silent AI cannot have answered");
+        drop(fut);
+
+        assert!(
+            breaker.acquire(Instant::now()).is_ok(),
+            "the dropped replay kept the only half-open probe slot"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_replay_answer_is_refused_without_reading_it_all() {
+        // An AI that answers 200 with an endless chunked body, counting what it wrote.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let w = written.clone();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            sock.write_all(head.as_bytes()).await.unwrap();
+            let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+            while sock.write_all(chunk.as_bytes()).await.is_ok() {
+                w.fetch_add(0x10000, std::sync::atomic::Ordering::Relaxed);
+                if w.load(std::sync::atomic::Ordering::Relaxed) > 256 << 20 {
+                    break;
+                }
+            }
+        });
+        let proxy = proxy(
+            &format!("http://{addr}"),
+            "max_response_buffer_bytes = 1048576",
+        );
+        let target = ProxyReplay {
+            proxy: Arc::downgrade(&proxy),
+        };
+        let failure = target.replay(&envelope()).await.unwrap_err();
+        assert!(
+            failure.reason.contains("max_response_buffer_bytes"),
+            "{}",
+            failure.reason
+        );
+        assert!(!failure.retryable);
+        let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < 16 << 20, "read {sent} bytes of the answer");
     }
 }
