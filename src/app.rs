@@ -199,6 +199,7 @@ pub async fn run(
                 {
                     tracing::warn!("[audit] path, key or publish changes take effect on restart");
                 }
+                reload::refuse_restart_only(&old.config, &config)?;
                 let snapshot = proxy.install(config)?;
                 if let Some(events) = proxy.shared.events() {
                     events.emit(

@@ -173,3 +173,76 @@ pub fn on_sighup(
         }
     }))
 }
+
+/// Keys read once at start: a reload that changes any of them is refused, naming them,
+/// rather than accepted and ignored.
+pub fn refuse_restart_only(old: &Config, new: &Config) -> Result<(), ConfigErrors> {
+    let mut keys: Vec<String> = Vec::new();
+    let dlq = |c: &Config| c.dlq.as_ref().map(|d| format!("{d:?}"));
+    if dlq(old) != dlq(new) {
+        keys.push("dlq".into());
+    }
+    let audit = |c: &Config| {
+        c.audit.as_ref().map(|a| {
+            (
+                a.path.clone(),
+                a.hmac_key.clone(),
+                a.key_id.clone(),
+                a.redact_headers.clone(),
+                a.rotate_bytes,
+                a.on_full_drop,
+                a.channel_capacity,
+                a.fsync_interval,
+                a.fsync_max_records,
+                a.publish.clone(),
+            )
+        })
+    };
+    if audit(old) != audit(new) {
+        keys.push("audit (writer settings, redact_headers, publish)".into());
+    }
+    let replayable = |c: &Config| -> Vec<String> {
+        c.routes
+            .iter()
+            .filter(|r| r.replayable)
+            .map(|r| r.name.to_string())
+            .collect()
+    };
+    if old.dlq.is_some() && replayable(old) != replayable(new) {
+        keys.push("routes.replayable (the set of replayable routes)".into());
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    Err(ConfigErrors {
+        errors: keys
+            .into_iter()
+            .map(|path| super::ConfigError {
+                path,
+                message: "changes take effect only on restart; reload refused".into(),
+            })
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod restart_only_tests {
+    use super::*;
+
+    fn config(spool: &str, replayable: bool) -> Config {
+        Config::from_toml(&format!(
+            "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n[upstreams.a]\nurl=\"http://127.0.0.1:1\"\n\
+             [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\nreplayable={replayable}\n[dlq]\nspool_dir=\"{spool}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_changed_spool_dir_or_replayable_set_is_refused_by_name() {
+        assert!(refuse_restart_only(&config("a", true), &config("a", true)).is_ok());
+        let e = refuse_restart_only(&config("a", true), &config("b", true)).unwrap_err();
+        assert_eq!(e.errors[0].path, "dlq");
+        let e = refuse_restart_only(&config("a", true), &config("a", false)).unwrap_err();
+        assert!(e.errors[0].path.starts_with("routes.replayable"));
+    }
+}
