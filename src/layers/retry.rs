@@ -152,6 +152,7 @@ mod tests {
                 backoff_max: Duration::from_millis(20),
                 budget_ratio: ratio,
                 budget_min_per_s: floor,
+                attempt_timeout: None,
             },
             Arc::new(RetryBudget::new(ratio, floor, Duration::from_secs(10))),
         )
