@@ -4,6 +4,7 @@
 //! - `breaker`: pure circuit-breaker state machine, retry budget, backoff, adaptive limit.
 //! - `audit`: tamper-evident decision log.
 //! - `dlq`: local write-ahead spool, RabbitMQ publisher and replay.
+//! - `window`: the one bucketed time window the breaker, retry budget and canary share.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,3 +20,4 @@ pub mod layers;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
+pub(crate) mod window;
