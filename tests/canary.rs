@@ -309,7 +309,8 @@ async fn hanging_variant_is_rolled_back_within_one_window() {
     let extra = format!(
         "{STATIC_FB}[routes.canary]\nauto_rollback = true\nmax_error_rate = 0.2\nmin_requests = 10\nwindow_ms = 10000\n"
     );
-    let cfg = canary_config(&base, &v8, 50, &extra).replace("timeout_ms = 2000", "timeout_ms = 150");
+    let cfg =
+        canary_config(&base, &v8, 50, &extra).replace("timeout_ms = 2000", "timeout_ms = 150");
     let proxy = TestProxy::start(&cfg).await;
     // Healthy first: the variant's model version becomes known to the inventory.
     for _ in 0..20 {
@@ -321,7 +322,10 @@ async fn hanging_variant_is_rolled_back_within_one_window() {
     // Eight clients at once; each hung call ends at the route deadline with the fallback.
     for _ in 0..10 {
         let batch = futures_util::future::join_all((0..8).map(|_| proxy.get("/x"))).await;
-        assert!(batch.iter().all(|r| r.status == 200), "a client saw an error");
+        assert!(
+            batch.iter().all(|r| r.status == 200),
+            "a client saw an error"
+        );
     }
     let inv = inventory(&proxy).await;
     let variant = &inv["routes"][0]["variants"][0];
@@ -329,7 +333,10 @@ async fn hanging_variant_is_rolled_back_within_one_window() {
         variant["weight"], 0.0,
         "a variant that hangs past timeout_ms was not rolled back: {inv:#}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10), "not within one window");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not within one window"
+    );
     let rollback = &variant["rollback"];
     assert!(
         rollback["reason"].as_str().unwrap().contains("error rate"),
@@ -341,15 +348,25 @@ async fn hanging_variant_is_rolled_back_within_one_window() {
         "{inv:#}"
     );
     let hung_calls = v8.requests() - hung_from;
-    assert!(hung_calls < 40, "the hanging variant got {hung_calls} calls");
+    assert!(
+        hung_calls < 40,
+        "the hanging variant got {hung_calls} calls"
+    );
     // The inventory's per-version error rate and the per-version metrics count them too.
     let versions = inv["routes"][0]["model_versions"].as_array().unwrap();
     let v8_stats = versions
         .iter()
         .find(|v| v["model_version"] == "rec-v8-hang")
         .unwrap_or_else(|| panic!("{inv:#}"));
-    assert_eq!(v8_stats["failures"].as_u64().unwrap(), hung_calls, "{inv:#}");
-    assert!(v8_stats["window"]["error_rate"].as_f64().unwrap() > 0.2, "{inv:#}");
+    assert_eq!(
+        v8_stats["failures"].as_u64().unwrap(),
+        hung_calls,
+        "{inv:#}"
+    );
+    assert!(
+        v8_stats["window"]["error_rate"].as_f64().unwrap() > 0.2,
+        "{inv:#}"
+    );
     let m = proxy.metrics().await;
     let errors = sample(
         &m,

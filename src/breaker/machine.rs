@@ -397,11 +397,9 @@ impl CircuitBreaker {
     }
 
     fn window(&self, now: Instant) -> (u64, u64, u64) {
-        self.window
-            .live(now)
-            .fold((0, 0, 0), |(c, f, s), b| {
-                (c + b.calls, f + b.failures, s + b.slow)
-            })
+        self.window.live(now).fold((0, 0, 0), |(c, f, s), b| {
+            (c + b.calls, f + b.failures, s + b.slow)
+        })
     }
 
     fn reset_window(&mut self) {

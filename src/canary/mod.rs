@@ -595,7 +595,11 @@ impl<S> Split<S> {
             BreakerState::Open => !forced_only,
             _ => false,
         };
-        if self.route_breaker.as_deref().is_some_and(|b| blocked(b, true)) {
+        if self
+            .route_breaker
+            .as_deref()
+            .is_some_and(|b| blocked(b, true))
+        {
             return None;
         }
         self.canary.choose(req.http.headers()).filter(|&i| {

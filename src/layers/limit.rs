@@ -115,7 +115,10 @@ impl Drop for LimitGuard {
         };
         let now = Instant::now();
         if now >= self.deadline {
-            permit.record(CallOutcome::Failure(FailureKind::Timeout), now - self.started);
+            permit.record(
+                CallOutcome::Failure(FailureKind::Timeout),
+                now - self.started,
+            );
             self.publish();
         }
     }
@@ -181,16 +184,26 @@ mod tests {
             .service(mock.map_err(|e| ProxyError::from(ErrorKind::Internal(e.to_string()))));
         handle.allow(100);
         for _ in 0..10 {
-            let call = tokio::spawn(svc.clone().oneshot(test_request(Duration::from_millis(100))));
+            let call = tokio::spawn(
+                svc.clone()
+                    .oneshot(test_request(Duration::from_millis(100))),
+            );
             let (_req, _respond) = handle.next_request().await.unwrap();
             let err = call.await.unwrap().unwrap_err();
             assert!(matches!(err.kind, ErrorKind::Timeout(_)));
         }
         assert_eq!(limiter.in_flight(), 0);
-        assert!(limiter.limit() <= 3, "limit {} after 10 timeouts", limiter.limit());
+        assert!(
+            limiter.limit() <= 3,
+            "limit {} after 10 timeouts",
+            limiter.limit()
+        );
         // A call the client abandons before the deadline frees its slot, judging nothing.
         let before = limiter.limit();
-        let call = tokio::spawn(svc.clone().oneshot(test_request(Duration::from_millis(100))));
+        let call = tokio::spawn(
+            svc.clone()
+                .oneshot(test_request(Duration::from_millis(100))),
+        );
         let (_req, _respond) = handle.next_request().await.unwrap();
         call.abort();
         let _ = call.await;

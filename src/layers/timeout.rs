@@ -124,7 +124,8 @@ where
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(result) => result,
                 Err(_) => {
-                    let mut e = ProxyError::from(ErrorKind::Timeout(limit)).with_upstream(&upstream);
+                    let mut e =
+                        ProxyError::from(ErrorKind::Timeout(limit)).with_upstream(&upstream);
                     e.variant = variant;
                     e.upstream_latency = Some(started.elapsed());
                     Err(e)
@@ -158,15 +159,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_attempt_is_cut_at_its_own_timeout_or_the_route_deadline() {
-        for (attempt, route, cut) in [(Some(200), 800, 200), (Some(900), 800, 800), (None, 800, 800)] {
+        for (attempt, route, cut) in [
+            (Some(200), 800, 200),
+            (Some(900), 800, 800),
+            (None, 800, 800),
+        ] {
             let (svc, mut handle) = tower_test::mock::pair::<ProxyRequest, ProxyResponse>();
             let layer = AttemptTimeoutLayer::new(
                 attempt.map(Duration::from_millis),
                 Arc::from("ai"),
                 Some(Arc::from("v2")),
             );
-            let svc = layer
-                .layer(svc.map_err(|e| ProxyError::from(ErrorKind::Internal(e.to_string()))));
+            let svc =
+                layer.layer(svc.map_err(|e| ProxyError::from(ErrorKind::Internal(e.to_string()))));
             let started = Instant::now();
             let call = tokio::spawn(svc.oneshot(test_request(Duration::from_millis(route))));
             let (_req, _send) = handle.next_request().await.unwrap();
