@@ -4,6 +4,7 @@
 //! - `breaker`: pure circuit-breaker state machine, retry budget, backoff, adaptive limit.
 //! - `audit`: tamper-evident decision log.
 //! - `dlq`: local write-ahead spool, RabbitMQ publisher and replay.
+//! - `window`: the one bucketed time window the breaker, retry budget and canary share.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -22,3 +23,4 @@ pub mod proxy;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;
+pub(crate) mod window;

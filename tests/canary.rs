@@ -293,3 +293,135 @@ async fn inventory_lists_model_versions_including_a_change_mid_run() {
     assert!(proxy.metrics().await.contains("breakwater_model_version_duration_seconds_bucket{route=\"recommendations\",model_version=\"rec-v7.1-hotfix\""));
     proxy.stop().await;
 }
+
+/// The value of one Prometheus sample line, or `None` when the series is missing.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn hanging_variant_is_rolled_back_within_one_window() {
+    let (base, v8) = (MockAi::start().await, MockAi::start().await);
+    base.set_model_version("rec-v7");
+    v8.set_model_version("rec-v8-hang");
+    let extra = format!(
+        "{STATIC_FB}[routes.canary]\nauto_rollback = true\nmax_error_rate = 0.2\nmin_requests = 10\nwindow_ms = 10000\n"
+    );
+    let cfg =
+        canary_config(&base, &v8, 50, &extra).replace("timeout_ms = 2000", "timeout_ms = 150");
+    let proxy = TestProxy::start(&cfg).await;
+    // Healthy first: the variant's model version becomes known to the inventory.
+    for _ in 0..20 {
+        assert_eq!(proxy.get("/x").await.outcome(), "ai");
+    }
+    v8.hang(true);
+    let hung_from = v8.requests();
+    let started = std::time::Instant::now();
+    // Eight clients at once; each hung call ends at the route deadline with the fallback.
+    for _ in 0..10 {
+        let batch = futures_util::future::join_all((0..8).map(|_| proxy.get("/x"))).await;
+        assert!(
+            batch.iter().all(|r| r.status == 200),
+            "a client saw an error"
+        );
+    }
+    let inv = inventory(&proxy).await;
+    let variant = &inv["routes"][0]["variants"][0];
+    assert_eq!(
+        variant["weight"], 0.0,
+        "a variant that hangs past timeout_ms was not rolled back: {inv:#}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not within one window"
+    );
+    let rollback = &variant["rollback"];
+    assert!(
+        rollback["reason"].as_str().unwrap().contains("error rate"),
+        "{inv:#}"
+    );
+    // The hangs are in the variant's p99, not left out of it.
+    assert!(
+        rollback["summary"]["p99_ms"].as_f64().unwrap() >= 140.0,
+        "{inv:#}"
+    );
+    let hung_calls = v8.requests() - hung_from;
+    assert!(
+        hung_calls < 40,
+        "the hanging variant got {hung_calls} calls"
+    );
+    // The inventory's per-version error rate and the per-version metrics count them too.
+    let versions = inv["routes"][0]["model_versions"].as_array().unwrap();
+    let v8_stats = versions
+        .iter()
+        .find(|v| v["model_version"] == "rec-v8-hang")
+        .unwrap_or_else(|| panic!("{inv:#}"));
+    assert_eq!(
+        v8_stats["failures"].as_u64().unwrap(),
+        hung_calls,
+        "{inv:#}"
+    );
+    assert!(
+        v8_stats["window"]["error_rate"].as_f64().unwrap() > 0.2,
+        "{inv:#}"
+    );
+    let m = proxy.metrics().await;
+    let errors = sample(
+        &m,
+        "breakwater_model_version_errors_total{route=\"recommendations\",model_version=\"rec-v8-hang\"}",
+    );
+    assert_eq!(errors, Some(hung_calls as f64), "{m}");
+    // Rolled back: no more traffic reaches the variant.
+    for _ in 0..30 {
+        assert_eq!(proxy.get("/x").await.outcome(), "ai");
+    }
+    assert_eq!(v8.requests() - hung_from, hung_calls);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn forced_open_route_breaker_stops_the_canary_share_too() {
+    let (base, v8) = (MockAi::start().await, MockAi::start().await);
+    let extra = format!("{STATIC_FB}[routes.breaker]\nconsecutive_failures = 5\n");
+    let proxy = TestProxy::start(&canary_config(&base, &v8, 50, &extra)).await;
+    let forced = proxy
+        .admin_post(
+            "/admin/routes/recommendations/breaker",
+            r#"{"state":"forced_open"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(forced.status, 200);
+    let mut reasons = Vec::new();
+    for _ in 0..40 {
+        let r = proxy.get("/x").await;
+        assert_eq!(r.status, 200);
+        reasons.push(r.header("x-breakwater-reason").map(str::to_string));
+    }
+    assert_eq!(
+        v8.requests(),
+        0,
+        "the canary variant was called while the route breaker was forced open"
+    );
+    assert_eq!(base.requests(), 0);
+    assert!(
+        reasons.iter().all(|r| r.as_deref() == Some("breaker_open")),
+        "{reasons:?}"
+    );
+    // Back to auto: both the baseline and the variant get their shares again.
+    let auto = proxy
+        .admin_post(
+            "/admin/routes/recommendations/breaker",
+            r#"{"state":"auto"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(auto.status, 200);
+    for _ in 0..40 {
+        assert_eq!(proxy.get("/x").await.outcome(), "ai");
+    }
+    assert!(v8.requests() > 0 && base.requests() > 0);
+    proxy.stop().await;
+}

@@ -433,3 +433,118 @@ async fn bulkhead_sheds_to_the_fallback_when_full() {
     assert_eq!(shed, 4);
     assert!(ai.requests() <= 2);
 }
+
+/// The value of one Prometheus sample line, or `None` when the series is missing.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn adaptive_limit_shrinks_when_calls_time_out() {
+    let ai = MockAi::start().await;
+    // An upstream name of its own: the gauge is process-wide.
+    let cfg = simple_config(&ai.url(), STATIC_FB, "")
+        .replace("[upstreams.ai]", "[upstreams.aimd-timeouts]")
+        .replace("upstream = \"ai\"", "upstream = \"aimd-timeouts\"")
+        .replace("timeout_ms = 2000", "timeout_ms = 100")
+        .replace(
+            &format!("url = \"{}\"", ai.url()),
+            &format!(
+                "url = \"{}\"\nmax_concurrency = 8\nmin_concurrency = 1\nadaptive_concurrency = true",
+                ai.url()
+            ),
+        );
+    let proxy = TestProxy::start(&cfg).await;
+    let series = "breakwater_concurrency_limit{upstream=\"aimd-timeouts\"}";
+    for _ in 0..3 {
+        assert_eq!(proxy.get("/x").await.outcome(), "ai");
+    }
+    assert_eq!(sample(&proxy.metrics().await, series), Some(8.0));
+    ai.hang(true);
+    for _ in 0..10 {
+        let r = proxy.get("/x").await;
+        assert_eq!(r.header("x-breakwater-reason"), Some("timeout"));
+    }
+    let limit = sample(&proxy.metrics().await, series).unwrap();
+    // Each timeout cuts the limit by 10%: 8 * 0.9^10 is under 3.
+    assert!(
+        limit <= 3.0,
+        "the adaptive limit is {limit} after 10 timeouts in a row"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_first_attempt_is_cut_and_retried_within_the_deadline() {
+    let ai = std::sync::Arc::new(MockAi::start().await);
+    ai.hang(true);
+    let route = "[routes.retry]\nmax_attempts = 2\nattempt_timeout_ms = 200\nbackoff_base_ms = 1\nbackoff_max_ms = 2\nbudget_ratio = 1.0\n";
+    let cfg = simple_config(&ai.url(), route, "").replace("timeout_ms = 2000", "timeout_ms = 1000");
+    let proxy = TestProxy::start(&cfg).await;
+    // The first call hangs for good; every later one is answered.
+    let mock = ai.clone();
+    let healer = tokio::spawn(async move {
+        while mock.requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        mock.hang(false);
+    });
+    let started = std::time::Instant::now();
+    let r = proxy.get("/x").await;
+    let took = started.elapsed();
+    healer.await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.outcome(), "ai");
+    assert_eq!(ai.requests(), 2);
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(1000),
+        "answered after {took:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn no_retry_starts_without_an_attempt_timeout_left_before_the_deadline() {
+    let ai = MockAi::start().await;
+    ai.hang(true);
+    // 300 ms deadline, 200 ms per attempt: after the first cut only ~100 ms are left, too
+    // little for a second attempt, so the AI sees exactly one call.
+    let route = "[routes.retry]\nmax_attempts = 3\nattempt_timeout_ms = 200\nbackoff_base_ms = 1\nbackoff_max_ms = 2\nbudget_ratio = 1.0\n";
+    let cfg = simple_config(&ai.url(), route, "").replace("timeout_ms = 2000", "timeout_ms = 300");
+    let proxy = TestProxy::start(&cfg).await;
+    let started = std::time::Instant::now();
+    let r = proxy.get("/x").await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    assert!(started.elapsed() < Duration::from_millis(300) + Duration::from_millis(150));
+    assert_eq!(ai.requests(), 1, "a retry started that could not finish");
+    proxy.stop().await;
+}
+
+#[test]
+fn attempt_timeout_must_fit_in_the_route_deadline() {
+    let cfg = |attempt: u64| {
+        simple_config(
+            "http://127.0.0.1:1",
+            &format!("[routes.retry]\nattempt_timeout_ms = {attempt}\n"),
+            "",
+        )
+    };
+    let ok = breakwater::config::Config::from_toml(&cfg(500)).unwrap();
+    assert_eq!(
+        ok.routes[0].retry.as_ref().unwrap().attempt_timeout,
+        Some(Duration::from_millis(500))
+    );
+    for bad in [0, 2001] {
+        let errors = breakwater::config::Config::from_toml(&cfg(bad)).unwrap_err();
+        assert!(
+            errors
+                .errors
+                .iter()
+                .any(|e| e.path == "routes[0].retry.attempt_timeout_ms"),
+            "{errors:?}"
+        );
+    }
+}

@@ -8,21 +8,27 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-const BUCKETS: usize = 10;
+use crate::window::{self, Window, BUCKETS};
 
 #[derive(Debug)]
 pub struct RetryBudget {
     ratio: f64,
     min_per_s: u32,
-    bucket_len: Duration,
     window: Duration,
-    inner: Mutex<Window>,
+    counts: Mutex<Window<Counts>>,
 }
 
-#[derive(Debug)]
-struct Window {
-    /// Slot i holds bucket number n (n % BUCKETS == i): (n, requests, retries).
-    buckets: [(u64, u64, u64); BUCKETS],
+/// One slice of the window: original requests and retries granted.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    requests: u64,
+    retries: u64,
+}
+
+impl window::Bucket for Counts {
+    fn clear(&mut self) {
+        *self = Counts::default();
+    }
 }
 
 impl RetryBudget {
@@ -31,39 +37,23 @@ impl RetryBudget {
         RetryBudget {
             ratio: ratio.clamp(0.0, 1000.0),
             min_per_s,
-            bucket_len: window / BUCKETS as u32,
             window,
-            inner: Mutex::new(Window {
-                buckets: [(u64::MAX, 0, 0); BUCKETS],
-            }),
+            counts: Mutex::new(Window::new(window, Counts::default)),
         }
     }
 
     /// Runs `f` on the current bucket with the window's totals (requests, retries).
-    fn with<T>(
-        &self,
-        now: Instant,
-        f: impl FnOnce(&mut (u64, u64, u64), u64, u64) -> T,
-    ) -> Option<T> {
-        let mut w = self.inner.lock().ok()?;
-        let current = bucket_number(now, self.bucket_len);
-        let (mut requests, mut retries) = (0, 0);
-        for b in w.buckets.iter() {
-            if b.0 != u64::MAX && b.0 + (BUCKETS as u64) > current && b.0 <= current {
-                requests += b.1;
-                retries += b.2;
-            }
-        }
-        let slot = &mut w.buckets[(current % BUCKETS as u64) as usize];
-        if slot.0 != current {
-            *slot = (current, 0, 0);
-        }
-        Some(f(slot, requests, retries))
+    fn with<T>(&self, now: Instant, f: impl FnOnce(&mut Counts, u64, u64) -> T) -> Option<T> {
+        let mut w = self.counts.lock().ok()?;
+        let (requests, retries) = w
+            .live(now)
+            .fold((0, 0), |(q, r), c| (q + c.requests, r + c.retries));
+        Some(f(w.current(now), requests, retries))
     }
 
     /// Counts one original request.
     pub fn deposit(&self, now: Instant) {
-        self.with(now, |b, _, _| b.1 += 1);
+        self.with(now, |b, _, _| b.requests += 1);
     }
 
     /// Takes one retry from the budget if there is room.
@@ -73,7 +63,7 @@ impl RetryBudget {
         self.with(now, |b, deposits, withdrawals| {
             let allowed = floor + ratio * deposits as f64;
             if (withdrawals as f64) + 1.0 <= allowed {
-                b.2 += 1;
+                b.retries += 1;
                 true
             } else {
                 false
@@ -81,13 +71,6 @@ impl RetryBudget {
         })
         .unwrap_or(false)
     }
-}
-
-/// Number of the `bucket`-long slice of time `now` falls in, from a process-wide origin.
-fn bucket_number(now: Instant, bucket: Duration) -> u64 {
-    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let origin = Instant::from_std(*ORIGIN.get_or_init(std::time::Instant::now));
-    (now.saturating_duration_since(origin).as_nanos() / bucket.as_nanos().max(1)) as u64
 }
 
 #[cfg(test)]

@@ -13,8 +13,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::classify::CallOutcome;
-
-const BUCKETS: usize = 10;
+use crate::window::{self, Window};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerSettings {
@@ -129,10 +128,15 @@ pub struct BreakerStats {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
-    number: u64,
     calls: u64,
     failures: u64,
     slow: u64,
+}
+
+impl window::Bucket for Bucket {
+    fn clear(&mut self) {
+        *self = Bucket::default();
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,8 +151,7 @@ pub struct CircuitBreaker {
     settings: BreakerSettings,
     mode: Mode,
     auto: Auto,
-    origin: Instant,
-    buckets: [Bucket; BUCKETS],
+    window: Window<Bucket>,
     consecutive: u32,
     /// Length of the last open period, for doubling.
     last_open: Duration,
@@ -160,11 +163,10 @@ impl CircuitBreaker {
     pub fn new(settings: BreakerSettings) -> Self {
         CircuitBreaker {
             last_open: settings.open,
+            window: Window::new(settings.window, Bucket::default),
             settings,
             mode: Mode::Auto,
             auto: Auto::Closed,
-            origin: Instant::now(),
-            buckets: [Bucket::default(); BUCKETS],
             consecutive: 0,
             epoch: 0,
             trips: 0,
@@ -382,46 +384,26 @@ impl CircuitBreaker {
             || (s.slow_call.is_some() && s.slow_call_rate.is_some_and(|r| share(slow) >= r))
     }
 
-    fn bucket_len(&self) -> Duration {
-        (self.settings.window / BUCKETS as u32).max(Duration::from_millis(1))
-    }
-
-    fn bucket_number(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.origin).as_nanos() / self.bucket_len().as_nanos())
-            as u64
-    }
-
     fn count(&mut self, failed: bool, slow: bool, now: Instant) {
         if failed {
             self.consecutive = self.consecutive.saturating_add(1);
         } else {
             self.consecutive = 0;
         }
-        let n = self.bucket_number(now);
-        let b = &mut self.buckets[(n % BUCKETS as u64) as usize];
-        if b.number != n {
-            *b = Bucket {
-                number: n,
-                ..Bucket::default()
-            };
-        }
+        let b = self.window.current(now);
         b.calls += 1;
         b.failures += failed as u64;
         b.slow += slow as u64;
     }
 
     fn window(&self, now: Instant) -> (u64, u64, u64) {
-        let n = self.bucket_number(now);
-        self.buckets
-            .iter()
-            .filter(|b| b.calls > 0 && b.number <= n && b.number + (BUCKETS as u64) > n)
-            .fold((0, 0, 0), |(c, f, s), b| {
-                (c + b.calls, f + b.failures, s + b.slow)
-            })
+        self.window.live(now).fold((0, 0, 0), |(c, f, s), b| {
+            (c + b.calls, f + b.failures, s + b.slow)
+        })
     }
 
     fn reset_window(&mut self) {
-        self.buckets = [Bucket::default(); BUCKETS];
+        self.window.clear();
     }
 
     pub fn stats(&self, now: Instant) -> BreakerStats {

@@ -4,12 +4,15 @@
 //! Sits under the retry layer: `Split` picks the baseline or a variant for each attempt
 //! (sticky by a header's consistent hash, else random), each branch has its own breaker,
 //! and every answer feeds the variant's analysis window and the per-version inventory.
+//! An attempt dropped at or after the route deadline is recorded there as a timeout, so a
+//! hanging variant is rolled back and its hangs are in its p99. A route breaker forced open
+//! by an operator stops the variants' share too.
 
 pub mod window;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -152,12 +155,7 @@ impl CanaryRoute {
             .iter()
             .find_map(|v| v.config.sticky_header.as_ref())
             .and_then(|h| headers.get(h))
-            .map(|value| {
-                // A consistent hash: the same student always lands on the same version.
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                value.as_bytes().hash(&mut hasher);
-                (hasher.finish() % 10_000) as f64 / 100.0
-            })
+            .map(|value| sticky_bucket(value.as_bytes()) as f64 / 100.0)
             .unwrap_or_else(|| rand::rng().random_range(0.0..100.0));
         let mut acc = 0.0;
         for (i, v) in self.variants.iter().enumerate() {
@@ -318,6 +316,18 @@ impl CanaryRoute {
             })
             .collect()
     }
+}
+
+/// The sticky point in [0, 10000) of a header value: SipHash-1-3 with keys (0, 0) over the
+/// value's length (u64, little-endian) and its bytes, modulo 10000. Specified, so every
+/// build and platform puts one student on the same version; and it is the very byte stream
+/// std's `DefaultHasher` saw for `[u8]` on 64-bit little-endian targets, so upgrading
+/// from builds that used it moves no student either.
+pub fn sticky_bucket(value: &[u8]) -> u64 {
+    let mut hasher = siphasher::sip::SipHasher13::new_with_keys(0, 0);
+    hasher.write(&(value.len() as u64).to_le_bytes());
+    hasher.write(value);
+    hasher.finish() % 10_000
 }
 
 /// Why a variant's window breaches the canary thresholds. A variant is judged against the
@@ -496,6 +506,8 @@ impl Inventory {
 #[derive(Clone)]
 pub struct Split<S> {
     canary: Arc<CanaryRoute>,
+    /// The route's own breaker: forced open by an operator, it stops the variants too.
+    route_breaker: Option<Arc<SharedBreaker>>,
     inventory: Arc<Inventory>,
     events: Option<Arc<dyn EventSink>>,
     baseline: S,
@@ -506,6 +518,7 @@ pub struct Split<S> {
 impl<S> Split<S> {
     pub fn new(
         canary: Arc<CanaryRoute>,
+        route_breaker: Option<Arc<SharedBreaker>>,
         inventory: Arc<Inventory>,
         events: Option<Arc<dyn EventSink>>,
         baseline: S,
@@ -514,6 +527,7 @@ impl<S> Split<S> {
     ) -> Self {
         Split {
             canary,
+            route_breaker,
             inventory,
             events,
             baseline,
@@ -538,12 +552,7 @@ where
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
         let now = Instant::now();
-        // A variant whose own breaker is open hands its share back to the baseline.
-        let which = self.canary.choose(req.http.headers()).filter(|&i| {
-            self.canary.variants[i].breaker.as_ref().is_none_or(|b| {
-                !matches!(b.state(now), BreakerState::Open | BreakerState::ForcedOpen)
-            })
-        });
+        let which = self.pick(&req, now);
         let (mut svc, upstream) = match which {
             Some(i) => (
                 self.variants[i].clone(),
@@ -551,30 +560,115 @@ where
             ),
             None => (self.baseline.clone(), self.baseline_upstream.clone()),
         };
-        let canary = self.canary.clone();
-        let inventory = self.inventory.clone();
-        let events = self.events.clone();
+        let mut guard = AttemptGuard {
+            canary: self.canary.clone(),
+            inventory: self.inventory.clone(),
+            events: self.events.clone(),
+            which,
+            upstream,
+            started: now,
+            deadline: req.meta.deadline,
+            armed: true,
+        };
         Box::pin(async move {
             let meta = req.meta.clone();
             let result = svc.call(req).await;
-            let latency = now.elapsed();
+            guard.armed = false;
             if let Some(outcome) = outcome_of(&result) {
-                let failed = outcome.is_failure();
-                canary.record(which, latency, failed, Instant::now(), &events);
                 let (version, variant) = {
                     let f = meta.facts();
                     (f.model_version.clone(), f.variant.clone())
                 };
-                inventory.record(
-                    &canary.route,
-                    &upstream,
-                    variant.as_deref(),
-                    version.as_deref(),
-                    latency,
-                    failed,
-                );
+                guard.record(outcome.is_failure(), variant.as_deref(), version.as_deref());
             }
             result
         })
+    }
+}
+
+impl<S> Split<S> {
+    /// The variant for this attempt, or `None` for the baseline. A variant whose own
+    /// breaker is open hands its share back to the baseline; a route breaker forced open
+    /// sends everything to the baseline, whose breaker then refuses it.
+    fn pick(&self, req: &ProxyRequest, now: Instant) -> Option<usize> {
+        let blocked = |b: &SharedBreaker, forced_only: bool| match b.state(now) {
+            BreakerState::ForcedOpen => true,
+            BreakerState::Open => !forced_only,
+            _ => false,
+        };
+        if self
+            .route_breaker
+            .as_deref()
+            .is_some_and(|b| blocked(b, true))
+        {
+            return None;
+        }
+        self.canary.choose(req.http.headers()).filter(|&i| {
+            self.canary.variants[i]
+                .breaker
+                .as_deref()
+                .is_none_or(|b| !blocked(b, false))
+        })
+    }
+}
+
+/// Measures one attempt for the canary window and the inventory, also when its future is
+/// dropped: at or after the route deadline that is a timeout (the deadline layer above gave
+/// up on it); before it, the client went away and nothing is judged.
+struct AttemptGuard {
+    canary: Arc<CanaryRoute>,
+    inventory: Arc<Inventory>,
+    events: Option<Arc<dyn EventSink>>,
+    which: Option<usize>,
+    upstream: Arc<str>,
+    started: Instant,
+    deadline: Instant,
+    armed: bool,
+}
+
+impl AttemptGuard {
+    fn record(&self, failed: bool, variant: Option<&str>, version: Option<&str>) {
+        let now = Instant::now();
+        let latency = now - self.started;
+        self.canary
+            .record(self.which, latency, failed, now, &self.events);
+        self.inventory.record(
+            &self.canary.route,
+            &self.upstream,
+            variant,
+            version,
+            latency,
+            failed,
+        );
+    }
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        if !self.armed || Instant::now() < self.deadline {
+            return;
+        }
+        let variant = self
+            .which
+            .and_then(|i| self.canary.variants.get(i))
+            .map(|v| v.name.clone());
+        self.record(true, variant.as_deref(), None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sticky_buckets_are_pinned() {
+        // SipHash-1-3, keys (0, 0), over u64-LE length || bytes. These are also the points
+        // std's DefaultHasher gave on x86_64 builds before, so no student moved.
+        assert_eq!(sticky_bucket(b"student-42"), 7759);
+        assert_eq!(sticky_bucket(b"x"), 2476);
+        let mut h = siphasher::sip::SipHasher13::new_with_keys(0, 0);
+        h.write(&10u64.to_le_bytes());
+        h.write(b"student-42");
+        assert_eq!(h.finish(), 17_209_197_738_127_787_759);
     }
 }

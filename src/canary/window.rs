@@ -6,23 +6,30 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-const BUCKETS: usize = 10;
+use crate::window::{self, Window};
+
 /// Latencies are recorded in microseconds, up to a minute, 2 significant digits.
 const MAX_US: u64 = 60_000_000;
 
 #[derive(Debug, Clone)]
 struct Slot {
-    number: u64,
     requests: u64,
     failures: u64,
     hist: Histogram<u64>,
 }
 
+impl window::Bucket for Slot {
+    fn clear(&mut self) {
+        self.requests = 0;
+        self.failures = 0;
+        // Keeps the histogram's storage: recording never allocates.
+        self.hist.reset();
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WindowStats {
-    origin: Instant,
-    bucket_len: Duration,
-    slots: Vec<Slot>,
+    window: Window<Slot>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -41,34 +48,17 @@ fn histogram() -> Histogram<u64> {
 
 impl WindowStats {
     pub fn new(window: Duration) -> Self {
-        let bucket_len = (window / BUCKETS as u32).max(Duration::from_millis(1));
         WindowStats {
-            origin: Instant::now(),
-            bucket_len,
-            slots: (0..BUCKETS)
-                .map(|_| Slot {
-                    number: u64::MAX,
-                    requests: 0,
-                    failures: 0,
-                    hist: histogram(),
-                })
-                .collect(),
+            window: Window::new(window, || Slot {
+                requests: 0,
+                failures: 0,
+                hist: histogram(),
+            }),
         }
-    }
-
-    fn number(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.origin).as_nanos() / self.bucket_len.as_nanos()) as u64
     }
 
     pub fn record(&mut self, now: Instant, latency: Duration, failed: bool) {
-        let n = self.number(now);
-        let slot = &mut self.slots[(n % BUCKETS as u64) as usize];
-        if slot.number != n {
-            slot.number = n;
-            slot.requests = 0;
-            slot.failures = 0;
-            slot.hist.reset();
-        }
+        let slot = self.window.current(now);
         slot.requests += 1;
         slot.failures += failed as u64;
         let us = (latency.as_micros() as u64).clamp(1, MAX_US);
@@ -76,15 +66,12 @@ impl WindowStats {
     }
 
     pub fn summary(&self, now: Instant) -> Summary {
-        let n = self.number(now);
         let mut merged = histogram();
         let (mut requests, mut failures) = (0, 0);
-        for s in &self.slots {
-            if s.number != u64::MAX && s.number <= n && s.number + (BUCKETS as u64) > n {
-                requests += s.requests;
-                failures += s.failures;
-                let _ = merged.add(&s.hist);
-            }
+        for s in self.window.live(now) {
+            requests += s.requests;
+            failures += s.failures;
+            let _ = merged.add(&s.hist);
         }
         let pct =
             |q: f64| (!merged.is_empty()).then(|| merged.value_at_quantile(q) as f64 / 1000.0);
@@ -103,12 +90,7 @@ impl WindowStats {
 
     /// Forgets everything (a promoted or re-enabled variant starts a fresh window).
     pub fn clear(&mut self) {
-        for s in &mut self.slots {
-            s.number = u64::MAX;
-            s.requests = 0;
-            s.failures = 0;
-            s.hist.reset();
-        }
+        self.window.clear();
     }
 }
 

@@ -132,6 +132,8 @@ pub struct RetryConfig {
     pub backoff_max: Duration,
     pub budget_ratio: f64,
     pub budget_min_per_s: u32,
+    /// Per-attempt timeout, within the route's deadline; `None`: an attempt may use all of it.
+    pub attempt_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -95,6 +95,8 @@ pub struct RawRetry {
     pub backoff_max_ms: Option<u64>,
     pub budget_ratio: Option<f64>,
     pub budget_min_per_s: Option<u32>,
+    /// Cut one attempt after this long so a hung call can still be retried in time.
+    pub attempt_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -478,12 +478,21 @@ fn validate_route(
             "must not exceed backoff_max_ms",
         );
         ratio(e, rt.budget_ratio, &format!("{rp}.budget_ratio"), true);
+        let attempt_timeout = rt.attempt_timeout_ms.map(Duration::from_millis);
+        if let Some(t) = attempt_timeout {
+            e.check(
+                !t.is_zero() && t <= timeout,
+                format!("{rp}.attempt_timeout_ms"),
+                "must be greater than 0 and at most the route's timeout_ms",
+            );
+        }
         RetryConfig {
             max_attempts,
             backoff_base,
             backoff_max,
             budget_ratio: rt.budget_ratio.unwrap_or(0.2),
             budget_min_per_s: rt.budget_min_per_s.unwrap_or(1),
+            attempt_timeout,
         }
     });
 

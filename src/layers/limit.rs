@@ -1,6 +1,9 @@
 //! Bulkhead per upstream: at most `max_concurrency` requests in flight (adaptive by AIMD
 //! when enabled). Over the limit a request is shed at once with `overloaded`, so the
 //! fallback answers instead of a queue building up in front of a struggling AI.
+//!
+//! A call dropped at or after the route deadline (the deadline layer above gave up on it)
+//! still feeds the adaptive limit, as a timeout: a hanging AI must shrink the limit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,8 +12,10 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
+use tokio::time::Instant;
+
 use super::breaker::outcome_of;
-use crate::breaker::ConcurrencyLimiter;
+use crate::breaker::{CallOutcome, ConcurrencyLimiter, FailureKind, LimitPermit};
 use crate::proxy::error::{ErrorKind, ProxyError};
 use crate::proxy::types::{ProxyRequest, ProxyResponse};
 use crate::telemetry;
@@ -65,19 +70,58 @@ where
             let e = ProxyError::from(ErrorKind::Overloaded);
             return Box::pin(std::future::ready(Err(e)));
         };
-        let started = tokio::time::Instant::now();
+        let mut guard = LimitGuard {
+            permit: Some(permit),
+            started: Instant::now(),
+            deadline: req.meta.deadline,
+            limiter: self.limiter.clone(),
+            upstream: self.upstream.clone(),
+        };
         let fut = self.inner.call(req);
-        let limiter = self.limiter.clone();
-        let upstream = self.upstream.clone();
         Box::pin(async move {
             let result = fut.await;
-            if let Some(outcome) = outcome_of(&result) {
-                permit.record(outcome, started.elapsed());
+            if let Some(permit) = guard.permit.take() {
+                if let Some(outcome) = outcome_of(&result) {
+                    permit.record(outcome, guard.started.elapsed());
+                }
             }
-            metrics::gauge!(telemetry::CONCURRENCY_LIMIT, "upstream" => upstream.to_string())
-                .set(limiter.limit() as f64);
+            guard.publish();
             result
         })
+    }
+}
+
+/// Holds the bulkhead slot of one call. Dropped with the slot still held, the call was
+/// abandoned: past the route deadline that is a timeout for the adaptive limit; before it
+/// (the client went away) the slot is just freed.
+struct LimitGuard {
+    permit: Option<LimitPermit>,
+    started: Instant,
+    deadline: Instant,
+    limiter: Arc<ConcurrencyLimiter>,
+    upstream: Arc<str>,
+}
+
+impl LimitGuard {
+    fn publish(&self) {
+        metrics::gauge!(telemetry::CONCURRENCY_LIMIT, "upstream" => self.upstream.to_string())
+            .set(self.limiter.limit() as f64);
+    }
+}
+
+impl Drop for LimitGuard {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= self.deadline {
+            permit.record(
+                CallOutcome::Failure(FailureKind::Timeout),
+                now - self.started,
+            );
+            self.publish();
+        }
     }
 }
 
@@ -117,5 +161,48 @@ mod tests {
         let (_req, respond) = handle.next_request().await.unwrap();
         respond.send_response(ProxyResponse::ai(http::Response::new(full_body("ok"))));
         next.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_dropped_at_the_route_deadline_shrink_the_adaptive_limit() {
+        let limiter = Arc::new(ConcurrencyLimiter::new(LimitSettings {
+            initial: 8,
+            min: 1,
+            max: 8,
+            adaptive: true,
+        }));
+        let (mock, mut handle) = tower_test::mock::pair::<ProxyRequest, ProxyResponse>();
+        // The deadline above drops the hanging call; nothing below ever answers.
+        let svc = tower::ServiceBuilder::new()
+            .layer(crate::layers::timeout::DeadlineLayer)
+            .layer(LimitLayer::new(limiter.clone(), Arc::from("ai")))
+            .service(mock.map_err(|e| ProxyError::from(ErrorKind::Internal(e.to_string()))));
+        handle.allow(100);
+        for _ in 0..10 {
+            let call = tokio::spawn(
+                svc.clone()
+                    .oneshot(test_request(Duration::from_millis(100))),
+            );
+            let (_req, _respond) = handle.next_request().await.unwrap();
+            let err = call.await.unwrap().unwrap_err();
+            assert!(matches!(err.kind, ErrorKind::Timeout(_)));
+        }
+        assert_eq!(limiter.in_flight(), 0);
+        assert!(
+            limiter.limit() <= 3,
+            "limit {} after 10 timeouts",
+            limiter.limit()
+        );
+        // A call the client abandons before the deadline frees its slot, judging nothing.
+        let before = limiter.limit();
+        let call = tokio::spawn(
+            svc.clone()
+                .oneshot(test_request(Duration::from_millis(100))),
+        );
+        let (_req, _respond) = handle.next_request().await.unwrap();
+        call.abort();
+        let _ = call.await;
+        assert_eq!(limiter.in_flight(), 0);
+        assert_eq!(limiter.limit(), before);
     }
 }

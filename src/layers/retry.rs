@@ -1,7 +1,9 @@
 //! Retries with a budget. A retry happens only when another attempt is safe (the request
 //! never reached the AI, or the method is idempotent, or the client sent an
 //! `Idempotency-Key`), the budget allows it (so a failing AI never sees a retry storm),
-//! and the backoff (or the AI's `Retry-After`) still fits before the route's deadline.
+//! and the backoff (or the AI's `Retry-After`) plus the attempt itself still fit before the
+//! route's deadline: after the backoff, at least `attempt_timeout_ms` (or `MIN_ATTEMPT`
+//! without it) must be left, so a retry never starts only to be cut by the deadline.
 //!
 //! Sits under the deadline layer and above the breaker: every attempt is judged by the
 //! breaker, and an open breaker ends the retries at once.
@@ -10,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
@@ -19,6 +22,10 @@ use crate::config::RetryConfig;
 use crate::proxy::error::ProxyError;
 use crate::proxy::types::{ProxyRequest, ProxyResponse};
 use crate::telemetry;
+
+/// The least time a retry needs before the deadline when `attempt_timeout_ms` is unset:
+/// with less left, an AI call can hardly connect and answer, and would only add load.
+const MIN_ATTEMPT: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 pub struct RetryPolicy {
@@ -117,7 +124,8 @@ where
                     .delay(attempt)
                     .max(err.retry_after().unwrap_or_default());
                 let now = Instant::now();
-                if now + delay >= req.meta.deadline {
+                let needs = policy.config.attempt_timeout.unwrap_or(MIN_ATTEMPT);
+                if now + delay + needs > req.meta.deadline {
                     return Err(err);
                 }
                 if !policy.budget.try_withdraw(now) {
@@ -140,7 +148,6 @@ mod tests {
     use super::*;
     use crate::proxy::error::ErrorKind;
     use crate::proxy::types::test_request;
-    use std::time::Duration;
 
     /// A budget floor of 1/s lets single requests retry; `ratio` governs bulk traffic.
     fn policy(max_attempts: u32, ratio: f64) -> Arc<RetryPolicy> {
@@ -152,6 +159,7 @@ mod tests {
                 backoff_max: Duration::from_millis(20),
                 budget_ratio: ratio,
                 budget_min_per_s: floor,
+                attempt_timeout: None,
             },
             Arc::new(RetryBudget::new(ratio, floor, Duration::from_secs(10))),
         )
@@ -235,5 +243,78 @@ mod tests {
         let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
         // 100 originals plus at most ~10% retries, far below the 300 unbudgeted attempts.
         assert!((100..=112).contains(&calls), "{calls} calls");
+    }
+
+    /// A service whose first call never answers and whose later calls answer at once.
+    fn hangs_once(
+        calls: Arc<std::sync::atomic::AtomicU32>,
+    ) -> impl Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = impl Send>
+           + Clone
+           + Send {
+        let svc = tower::service_fn(move |_req: ProxyRequest| {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, ProxyError>(ProxyResponse::ai(http::Response::new(
+                    crate::exchange::full_body("ok"),
+                )))
+            }
+        });
+        tower::ServiceBuilder::new()
+            .layer(crate::layers::timeout::AttemptTimeoutLayer::new(Some(
+                Duration::from_millis(200),
+            )))
+            .service(svc)
+    }
+
+    fn with_attempt_timeout(max_attempts: u32) -> Arc<RetryPolicy> {
+        let p = policy(max_attempts, 1.0);
+        let mut config = p.config.clone();
+        config.attempt_timeout = Some(Duration::from_millis(200));
+        RetryPolicy::new(config, p.budget.clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_attempt_is_cut_and_retried_within_the_deadline() {
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let svc = RetryLayer::new(with_attempt_timeout(2)).layer(hangs_once(calls.clone()));
+        let started = Instant::now();
+        let r = svc.oneshot(test_request(Duration::from_secs(1))).await;
+        assert!(r.is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(started.elapsed() < Duration::from_millis(250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_starts_without_an_attempt_timeout_left() {
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let svc = RetryLayer::new(with_attempt_timeout(3)).layer(hangs_once(calls.clone()));
+        // 300 ms deadline: after the first cut at 200 ms, less than 200 ms are left.
+        let started = Instant::now();
+        let e = svc
+            .oneshot(test_request(Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::Timeout(_)));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_attempt_timeout_a_retry_needs_a_minimum_before_the_deadline() {
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let svc =
+            RetryLayer::new(policy(3, 1.0)).layer(failing(calls.clone(), || ErrorKind::Status {
+                status: http::StatusCode::BAD_GATEWAY,
+                retry_after: None,
+            }));
+        // 5 ms deadline, less than MIN_ATTEMPT: only the first try.
+        assert!(svc
+            .oneshot(test_request(Duration::from_millis(5)))
+            .await
+            .is_err());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

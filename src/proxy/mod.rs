@@ -44,7 +44,7 @@ use crate::layers::kill::{AiSwitch, KillSwitchLayer};
 use crate::layers::limit::LimitLayer;
 use crate::layers::observe::{AuditCtx, ObserveLayer, RouteMetrics};
 use crate::layers::retry::{RetryLayer, RetryPolicy};
-use crate::layers::timeout::DeadlineLayer;
+use crate::layers::timeout::{AttemptTimeoutLayer, DeadlineLayer};
 use client::Upstream;
 use error::error_response;
 use forward::Forward;
@@ -532,6 +532,11 @@ pub fn build_stack(
             .option_layer(breaker.map(BreakerLayer::new))
             // Bulkhead per upstream: shed instead of queueing in front of a struggling AI.
             .option_layer(limiter.map(|l| LimitLayer::new(l, upstream.name.clone())))
+            // Cuts this attempt at attempt_timeout_ms or the route deadline, so the breaker,
+            // the bulkhead, the canary and the retry above all see the timeout as a failure.
+            .layer(AttemptTimeoutLayer::new(
+                route.retry.as_ref().and_then(|r| r.attempt_timeout),
+            ))
             // Innermost: one call to the AI upstream; 5xx/429 become errors here.
             .service(Forward::new(upstream, route.clone(), variant, buffer_limit));
         Ok(BoxCloneSyncService::new(svc))
@@ -545,6 +550,7 @@ pub fn build_stack(
         .collect::<Result<Vec<_>, _>>()?;
     let split = Split::new(
         state.canary.clone(),
+        state.breaker.clone(),
         shared.inventory.clone(),
         shared.events(),
         baseline,
