@@ -132,9 +132,36 @@ fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
     }
 }
 
+/// Set in the container image: the public example key is fatal there, while a local
+/// `cargo run` on the example config only warns.
+const REFUSE_EXAMPLE_KEY: &str = "BREAKWATER_REFUSE_EXAMPLE_KEY";
+
+fn refuse_example_key() -> bool {
+    std::env::var(REFUSE_EXAMPLE_KEY)
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
+/// The refusal when the example key is in use and the environment forbids it.
+fn example_key_refusal(cfg: &Config) -> Option<String> {
+    (cfg.uses_example_key() && refuse_example_key()).then(|| {
+        format!(
+            "audit.hmac_key_file is the public example key and {REFUSE_EXAMPLE_KEY} is set: \
+             mount a key of your own (see the README, \"Secrets in Kubernetes\"), or set \
+             {REFUSE_EXAMPLE_KEY}=0 for a throwaway local run"
+        )
+    })
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) => {
+            for w in cfg.warnings() {
+                eprintln!("{}: WARNING: {}", path.display(), w);
+            }
+            if let Some(refusal) = example_key_refusal(&cfg) {
+                eprintln!("{}: {refusal}", path.display());
+                return ExitCode::FAILURE;
+            }
             eprintln!(
                 "{}: ok ({} routes, {} upstreams, hash {})",
                 path.display(),
@@ -165,6 +192,12 @@ fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
             path.display()
         )
     })?;
+    for w in config.warnings() {
+        tracing::warn!(path = %w.path, "WARNING: {}", w.message);
+    }
+    if let Some(refusal) = example_key_refusal(&config) {
+        anyhow::bail!(refusal);
+    }
     let (rt, flavour, cpus) = runtime().context("cannot start the tokio runtime")?;
     tracing::info!(runtime = flavour, cpus, "tokio runtime");
     rt.block_on(async move {

@@ -35,6 +35,8 @@ pub const MODEL_VERSION_REQUESTS: &str = "breakwater_model_version_requests_tota
 pub const MODEL_VERSION_DURATION: &str = "breakwater_model_version_duration_seconds";
 pub const MODEL_VERSION_ERRORS: &str = "breakwater_model_version_errors_total";
 pub const DEGRADED_SECONDS: &str = "breakwater_degraded_seconds";
+pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
 
 /// Distinct model-version label values kept before the rest are folded into "other".
 const MAX_MODEL_VERSIONS: usize = 64;
@@ -77,6 +79,14 @@ pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::Cancel
 }
 
 fn describe() {
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open client connections, by listener (data|admin)"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused over max_connections / admin_max_connections, by listener"
+    );
     describe_counter!(
         REQUESTS_TOTAL,
         "Requests answered, by route, outcome (ai|fallback|error) and status"

@@ -2,18 +2,13 @@
 //! and (from the resilience layers on) the operator levers. Mutating calls need the bearer
 //! token from `server.admin_token_file` when one is configured.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -22,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::reload::Reloader;
 use crate::proxy::types::{full_body, ProxyBody};
 use crate::proxy::Proxy;
+use crate::server;
 
 /// What the admin API reads and drives.
 pub struct AdminState {
@@ -35,33 +31,31 @@ pub struct AdminState {
     pub dlq: Option<crate::dlq::DlqHandle>,
 }
 
+/// Serves the admin API until `shutdown`, with its own connection cap
+/// (`server.admin_max_connections`) so a scrape storm cannot take the process's sockets.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let server = &state.proxy.snapshot().config.server;
+    let limit = server::ConnLimit::new("admin", server.admin_max_connections);
     loop {
         let (stream, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+            accepted = server::accept(&listener, "admin") => accepted,
             _ = shutdown.cancelled() => return,
         };
+        let Some((stream, permit)) = limit.admit(stream, true) else {
+            continue;
+        };
+        let timeouts = server::Timeouts::of(&state.proxy.snapshot().config.server);
         let state = state.clone();
+        let drain = shutdown.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let _permit = permit;
+            let handler = move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!(%remote, error = %e, "admin connection error");
-            }
+                async move { handle(&state, req).await }
+            };
+            // Admin calls are short: nothing to drain past the process's own shutdown.
+            let never = CancellationToken::new();
+            server::serve_connection(stream, remote, timeouts, handler, drain, never).await;
         });
     }
 }

@@ -62,7 +62,14 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub max_response_buffer_bytes: u64,
     pub header_read_timeout: Duration,
+    /// Between requests on a kept-alive HTTP/1 connection, or with no open h2 stream.
     pub idle_timeout: Duration,
+    /// The whole request body must arrive within this after its head (else 408).
+    pub body_read_timeout: Duration,
+    /// Open connections on the data plane / the admin listener; more are refused.
+    /// Read at start (like the listen addresses).
+    pub max_connections: usize,
+    pub admin_max_connections: usize,
     pub shutdown_grace: Duration,
     pub admin_token: Option<AdminToken>,
     pub watch_config: bool,
@@ -274,7 +281,11 @@ impl Config {
             for up in ups.values_mut() {
                 if let Some(headers) = up.get_mut("headers").and_then(|h| h.as_object_mut()) {
                     for v in headers.values_mut() {
-                        *v = serde_json::Value::String("***".into());
+                        // `{file}` and `{env}` name where the secret lives and stay visible;
+                        // an inline value is the secret itself.
+                        if v.is_string() {
+                            *v = serde_json::Value::String("***".into());
+                        }
                     }
                 }
             }
@@ -287,6 +298,38 @@ impl Config {
             }
         }
         value
+    }
+}
+
+/// SHA-256 of the keys that are public because the repository ships them
+/// (`config/audit.example.key`). Anyone holding them can recompute the digests in a decision
+/// log, so they are fit for a local run only.
+const EXAMPLE_HMAC_KEYS: &[&str] =
+    &["e4bdc12b1a88e49a2c8d4f347f0148dc942bc0c9ac9d4b12041987e1e68f2d17"];
+
+impl Config {
+    /// True when the decision log is keyed with a key published in this repository.
+    pub fn uses_example_key(&self) -> bool {
+        self.audit.as_ref().is_some_and(|a| {
+            let digest = hex::encode(Sha256::digest(&a.hmac_key));
+            EXAMPLE_HMAC_KEYS.contains(&digest.as_str())
+        })
+    }
+
+    /// Valid but unsafe settings, with their key paths: what `breakwater check` and the
+    /// start-up log warn about.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut found = Vec::new();
+        if self.uses_example_key() {
+            found.push(ConfigError {
+                path: "audit.hmac_key_file".into(),
+                message: "this is the public example key shipped with breakwater: anyone can \
+                          recompute the input digests of the decision log. Mount a key of your \
+                          own (64 random hex characters: openssl rand -hex 32)"
+                    .into(),
+            });
+        }
+        found
     }
 }
 
@@ -345,5 +388,22 @@ fn toml_error(e: &toml::de::Error, text: &str) -> ConfigError {
     ConfigError {
         path: location,
         message: e.message().trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_key_is_known_as_one() {
+        let file = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/audit.example.key"
+        ))
+        .unwrap_or_default();
+        let (key, _) = validate::parse_hmac_key(&file).unwrap_or_default();
+        let digest = hex::encode(Sha256::digest(&key));
+        assert!(EXAMPLE_HMAC_KEYS.contains(&digest.as_str()), "{digest}");
     }
 }

@@ -28,6 +28,9 @@ pub struct RawServer {
     pub max_response_buffer_bytes: Option<u64>,
     pub header_read_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    pub body_read_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub admin_max_connections: Option<usize>,
     pub shutdown_grace_ms: Option<u64>,
     pub admin_token_file: Option<String>,
     pub watch_config: Option<bool>,
@@ -62,7 +65,63 @@ pub struct RawUpstream {
     /// Headers added to every request to this upstream (credentials live here, never in
     /// a DLQ message). Values are masked in `/admin/config`.
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, RawHeaderValue>,
+}
+
+/// An upstream header value: the text itself, or where to read it, so that a credential
+/// can come from a mounted Secret instead of the config file (a ConfigMap).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RawHeaderValue {
+    Plain(String),
+    /// `{ file = "/run/secrets/ai-token" }`: the file's text, surrounding whitespace trimmed.
+    File {
+        file: String,
+    },
+    /// `{ env = "AI_TOKEN" }`: an environment variable of the breakwater process.
+    Env {
+        env: String,
+    },
+}
+
+// By hand rather than `untagged`, so that a typo says which keys are expected instead of
+// "did not match any variant".
+impl<'de> Deserialize<'de> for RawHeaderValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawHeaderValue;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string, { file = \"PATH\" } or { env = \"VARIABLE\" }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawHeaderValue::Plain(v.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                use serde::de::Error;
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(A::Error::custom("expected one key: file or env"));
+                };
+                let value: String = map.next_value()?;
+                let parsed = match key.as_str() {
+                    "file" => RawHeaderValue::File { file: value },
+                    "env" => RawHeaderValue::Env { env: value },
+                    other => return Err(A::Error::unknown_field(other, &["file", "env"])),
+                };
+                if map.next_key::<String>()?.is_some() {
+                    return Err(A::Error::custom("expected one key: file or env, not both"));
+                }
+                Ok(parsed)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

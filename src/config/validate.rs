@@ -155,6 +155,9 @@ fn unreachable_server() -> ServerConfig {
         max_response_buffer_bytes: 4 * MIB,
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
+        body_read_timeout: Duration::from_secs(10),
+        max_connections: 4096,
+        admin_max_connections: 64,
         shutdown_grace: Duration::from_secs(15),
         admin_token: None,
         watch_config: true,
@@ -207,6 +210,24 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         "server.header_read_timeout_ms",
     );
     let idle_timeout = positive_ms(e, s.idle_timeout_ms, 60_000, "server.idle_timeout_ms");
+    let body_read_timeout = positive_ms(
+        e,
+        s.body_read_timeout_ms,
+        10_000,
+        "server.body_read_timeout_ms",
+    );
+    let max_connections = s.max_connections.unwrap_or(4096);
+    e.check(
+        max_connections >= 1,
+        "server.max_connections",
+        "must be at least 1",
+    );
+    let admin_max_connections = s.admin_max_connections.unwrap_or(64);
+    e.check(
+        admin_max_connections >= 1,
+        "server.admin_max_connections",
+        "must be at least 1",
+    );
     let shutdown_grace = ms(s.shutdown_grace_ms, 15_000);
     let admin_token = s.admin_token_file.as_ref().and_then(|f| {
         let bytes = read_file(e, f, "server.admin_token_file")?;
@@ -231,6 +252,9 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         max_response_buffer_bytes,
         header_read_timeout,
         idle_timeout,
+        body_read_timeout,
+        max_connections,
+        admin_max_connections,
         shutdown_grace,
         admin_token,
         watch_config: s.watch_config.unwrap_or(true),
@@ -353,18 +377,19 @@ fn validate_upstream(e: &mut Errors, name: &str, u: &RawUpstream) -> Option<Upst
 
     let mut headers = Vec::new();
     for (k, v) in &u.headers {
-        let name = http::HeaderName::from_str(k);
-        let value = http::HeaderValue::from_str(v);
-        match (name, value) {
-            (Ok(n), Ok(v)) => {
-                let mut v = v;
+        let path = format!("{p}.headers.{k}");
+        let Some(text) = header_text(e, v, &path) else {
+            continue;
+        };
+        match (
+            http::HeaderName::from_str(k),
+            http::HeaderValue::from_str(&text),
+        ) {
+            (Ok(n), Ok(mut v)) => {
                 v.set_sensitive(true);
                 headers.push((n, v))
             }
-            _ => e.add(
-                format!("{p}.headers.{k}"),
-                "not a valid HTTP header name and value",
-            ),
+            _ => e.add(path, "not a valid HTTP header name and value"),
         }
     }
     let connect_timeout = positive_ms(
@@ -373,9 +398,23 @@ fn validate_upstream(e: &mut Errors, name: &str, u: &RawUpstream) -> Option<Upst
         250,
         &format!("{p}.connect_timeout_ms"),
     );
-    let fingerprint =
-        serde_json::to_string(&(u, file_stamp(&u.ca_file), file_stamp(&u.client_cert_file)))
-            .unwrap_or_default();
+    // A credential rotated in its file or variable must reach the pool's requests too; the
+    // fingerprint keeps only a digest of the values.
+    let secrets = hex::encode(Sha256::digest(
+        headers
+            .iter()
+            .flat_map(|(_, v)| [v.as_bytes(), b"\n"])
+            .flatten()
+            .copied()
+            .collect::<Vec<u8>>(),
+    ));
+    let fingerprint = serde_json::to_string(&(
+        u,
+        file_stamp(&u.ca_file),
+        file_stamp(&u.client_cert_file),
+        secrets,
+    ))
+    .unwrap_or_default();
     Some(UpstreamConfig {
         name: name.to_string(),
         scheme: scheme?,
@@ -390,6 +429,34 @@ fn validate_upstream(e: &mut Errors, name: &str, u: &RawUpstream) -> Option<Upst
         headers,
         fingerprint,
     })
+}
+
+/// The text of an upstream header value: inline, from a file or from the environment.
+fn header_text(e: &mut Errors, v: &RawHeaderValue, path: &str) -> Option<String> {
+    match v {
+        RawHeaderValue::Plain(text) => Some(text.clone()),
+        RawHeaderValue::File { file } => {
+            let bytes = read_file(e, file, path)?;
+            match String::from_utf8(bytes) {
+                // Secret files often end with a newline (`echo`, `kubectl create secret`).
+                Ok(text) => Some(text.trim().to_string()),
+                Err(_) => {
+                    e.add(path, format!("{file} is not UTF-8 text"));
+                    None
+                }
+            }
+        }
+        RawHeaderValue::Env { env } => match std::env::var(env) {
+            Ok(text) if !text.is_empty() => Some(text),
+            _ => {
+                e.add(
+                    path,
+                    format!("environment variable {env} is not set (or empty)"),
+                );
+                None
+            }
+        },
+    }
 }
 
 /// A cert rotated in place must rebuild the client even when the config text is unchanged.

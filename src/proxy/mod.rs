@@ -363,7 +363,22 @@ impl Proxy {
         }
         // Buffered so the request can be retried, sent to a fallback upstream and queued
         // for replay; `max_body_bytes` bounds the memory this takes.
-        let body = match Limited::new(body, max as usize).collect().await {
+        // A client trickling its body must not hold a task and max_body_bytes of memory.
+        let read_limit = snapshot.config.server.body_read_timeout;
+        let collected =
+            tokio::time::timeout(read_limit, Limited::new(body, max as usize).collect()).await;
+        let Ok(collected) = collected else {
+            return finish_local(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_read_timeout",
+                &format!(
+                    "the request body did not arrive within body_read_timeout_ms ({} ms)",
+                    read_limit.as_millis()
+                ),
+                &request_id,
+            );
+        };
+        let body = match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 return too_large(max, &request_id)
