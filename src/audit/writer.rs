@@ -913,7 +913,11 @@ mod tests {
         );
         assert_eq!(handle.written(), 10);
         drop(handle);
-        thread.join().unwrap();
+        // The overflow task holds the writer's channel until it sees the handle gone: join
+        // the writer off this (single) runtime thread so that task can run and end.
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
         let report = verify_paths(&[dir.path().join("decisions.jsonl")]).unwrap();
         assert_eq!(report.records, 10);
     }
