@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 use serde::Serialize;
 use tokio::time::Instant;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 use crate::breaker::BreakerState;
 use crate::config::{CanaryConfig, VariantConfig};
@@ -546,6 +546,8 @@ where
     type Error = ProxyError;
     type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
 
+    /// Which branch serves a request is known only in `call`, so readiness is asked there,
+    /// of the clone that serves it (`oneshot`), as tower's `Steer` does for its services.
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
@@ -553,7 +555,7 @@ where
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
         let now = Instant::now();
         let which = self.pick(&req, now);
-        let (mut svc, upstream) = match which {
+        let (svc, upstream) = match which {
             Some(i) => (
                 self.variants[i].clone(),
                 Arc::<str>::from(self.canary.variants[i].config.upstream.as_str()),
@@ -572,7 +574,7 @@ where
         };
         Box::pin(async move {
             let meta = req.meta.clone();
-            let result = svc.call(req).await;
+            let result = svc.oneshot(req).await;
             guard.armed = false;
             if let Some(outcome) = outcome_of(&result) {
                 let (version, variant) = {
