@@ -237,7 +237,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Verify { paths } | AuditCommand::Find { paths, .. } if paths.is_empty() => {
             anyhow::bail!("give at least one decision log file or directory")
         }
-        AuditCommand::Verify { paths } => match breakwater::audit::verify_paths(&paths) {
+        AuditCommand::Verify { paths } => match breakwater::cli::verify_paths(&paths) {
             Ok(report) => {
                 writeln!(
                     out,
@@ -270,7 +270,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             }
         },
         AuditCommand::Find { request_id, paths } => {
-            let records = breakwater::audit::find_request(&paths, &request_id)?;
+            let records = breakwater::cli::find_request(&paths, &request_id)?;
             for r in &records {
                 writeln!(out, "{r}")?;
             }
@@ -287,7 +287,7 @@ fn spool(command: SpoolCommand) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     match command {
         SpoolCommand::Inspect { dir } => {
-            let report = breakwater::dlq::spool::inspect(&dir)
+            let report = breakwater::cli::spool_inspect(&dir)
                 .with_context(|| format!("cannot read the spool in {}", dir.display()))?;
             std::io::stdout()
                 .lock()

@@ -215,7 +215,7 @@ async fn a_failed_replayable_request_is_spooled_after_its_client_has_gone() {
         assert_eq!(r["dlq"], "spooled", "the record names the dead letter: {r}");
         ids.push(r["dlq_msg_id"].as_str().unwrap().to_string());
     }
-    let report = breakwater::dlq::spool::inspect(&spool).unwrap();
+    let report = breakwater::cli::spool_inspect(&spool).unwrap();
     let listed = format!("{report:?}");
     assert!(
         ids.iter().all(|id| listed.contains(id.as_str())),

@@ -444,7 +444,7 @@ async fn a_full_spool_rejects_new_messages_cleanly() {
         "{m}"
     );
     // What was accepted is still there.
-    let report = breakwater::dlq::spool::inspect(&dir.path().join("spool")).unwrap();
+    let report = breakwater::cli::spool_inspect(&dir.path().join("spool")).unwrap();
     assert_eq!(report.pending, 3);
     proxy.stop().await;
 }
@@ -662,7 +662,7 @@ fn a_body_limit_larger_than_a_spool_record_is_a_config_error() {
     };
     let (ok, text) = check(100 << 20);
     assert!(!ok && text.contains("server.max_body_bytes"), "{text}");
-    let (ok, text) = check(breakwater::dlq::envelope::MAX_SPOOLED_BODY);
+    let (ok, text) = check(breakwater::cli::MAX_SPOOLED_BODY);
     assert!(ok, "{text}");
 }
 

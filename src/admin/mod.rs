@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::reload::Reloader;
-use crate::proxy::types::{full_body, ProxyBody};
+use crate::exchange::{full_body, ProxyBody};
 use crate::proxy::Proxy;
 use crate::server;
 

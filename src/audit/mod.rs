@@ -10,11 +10,9 @@ pub mod verify;
 pub mod writer;
 
 pub use publish::AuditPublisher;
-pub use record::{ChainHash, Decision, DecisionRecord, Entry, EventRecord, GENESIS, SCHEMA_V};
-pub use verify::{find_request, verify_paths, Problem, VerifyError, VerifyReport};
-pub use writer::{
-    start, AuditError, AuditHandle, AuditSettings, DigestStream, Digester, Submission, RECORDS_LOST,
-};
+pub use record::{Decision, Entry};
+pub use verify::{find_request, verify_paths};
+pub use writer::{start, AuditHandle, AuditSettings, DigestStream, Submission};
 
 /// RFC 3339 UTC with microseconds.
 pub fn rfc3339(t: std::time::SystemTime) -> String {

@@ -17,11 +17,13 @@ use uuid::Uuid;
 
 pub const SCHEMA_V: u32 = 1;
 /// `prev_hash` of the first record ever written.
+#[cfg(test)]
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// One proxied request as it reads back from the log (`audit find`, tests). Field order
 /// is the canonical order. The writer does not build this: it serializes a [`Decision`]
 /// to the same bytes.
+#[cfg(test)]
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DecisionRecord {
     pub schema_v: u32,
@@ -349,7 +351,6 @@ pub struct ParsedLine {
     pub hash: String,
     pub seq: u64,
     pub prev_hash: String,
-    pub request_id: Option<String>,
     /// For a `records_lost` event: how many records it says were lost.
     pub records_lost: Option<u64>,
 }
@@ -377,7 +378,6 @@ pub fn parse_line(line: &[u8]) -> Option<ParsedLine> {
     struct Chain {
         seq: u64,
         prev_hash: String,
-        request_id: Option<String>,
         event: Option<String>,
         detail: Option<Lost>,
     }
@@ -395,7 +395,6 @@ pub fn parse_line(line: &[u8]) -> Option<ParsedLine> {
         hash: hash.to_string(),
         seq: chain.seq,
         prev_hash: chain.prev_hash,
-        request_id: chain.request_id,
         records_lost,
     })
 }
@@ -523,7 +522,6 @@ mod tests {
         assert_eq!(p.hash, hash.as_str());
         assert_eq!(p.prev_hash, GENESIS);
         assert_eq!(chain_hash(&p.prev_hash, &p.canonical), hash.as_str());
-        assert_eq!(p.request_id.as_deref(), Some("r-1"));
         assert!(parse_line(b"{\"seq\":1}").is_none());
         assert_eq!(ChainHash::genesis().as_str(), GENESIS);
         assert!(ChainHash::parse("xyz").is_none());

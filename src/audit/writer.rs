@@ -392,16 +392,9 @@ impl AuditHandle {
             && (self.0.drop_when_full || c.unchained.load(Ordering::Relaxed) == 0)
     }
 
+    #[cfg(test)]
     pub fn written(&self) -> u64 {
         self.0.counters.written.load(Ordering::Relaxed)
-    }
-
-    pub fn dropped(&self) -> u64 {
-        self.0.counters.dropped.load(Ordering::Relaxed)
-    }
-
-    pub fn write_errors(&self) -> u64 {
-        self.0.counters.errors.load(Ordering::Relaxed)
     }
 
     /// The keyed digests of this log.

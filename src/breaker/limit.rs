@@ -78,6 +78,7 @@ impl ConcurrencyLimiter {
         }
     }
 
+    #[cfg(test)]
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }

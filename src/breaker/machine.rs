@@ -173,10 +173,6 @@ impl CircuitBreaker {
         }
     }
 
-    pub fn settings(&self) -> &BreakerSettings {
-        &self.settings
-    }
-
     fn public(&self, auto: Auto) -> BreakerState {
         match self.mode {
             Mode::ForcedOpen => BreakerState::ForcedOpen,

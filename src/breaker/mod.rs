@@ -15,6 +15,4 @@ pub use budget::RetryBudget;
 pub use cache::{CachedResponse, ResponseCache};
 pub use classify::{classify_status, CallOutcome, FailureKind};
 pub use limit::{ConcurrencyLimiter, LimitPermit, LimitSettings};
-pub use machine::{
-    BreakerSettings, BreakerState, BreakerStats, CircuitBreaker, Mode, Permit, Rejected, Transition,
-};
+pub use machine::{BreakerSettings, BreakerState, BreakerStats, CircuitBreaker, Mode, Permit};

@@ -26,9 +26,9 @@ use tower::{Service, ServiceExt};
 use crate::breaker::BreakerState;
 use crate::config::{CanaryConfig, VariantConfig};
 use crate::events::EventSink;
+use crate::exchange::error::ProxyError;
+use crate::exchange::{ProxyRequest, ProxyResponse};
 use crate::layers::breaker::{outcome_of, SharedBreaker};
-use crate::proxy::error::ProxyError;
-use crate::proxy::types::{ProxyRequest, ProxyResponse};
 use crate::telemetry;
 use window::{Summary, WindowStats};
 

@@ -31,7 +31,7 @@ pub use envelope::Envelope;
 use rabbit::{Link, RabbitError};
 use spool::{SpoolReader, SpoolSettings, SpoolWriter};
 
-use crate::proxy::types::DlqOutcome;
+use crate::exchange::DlqOutcome;
 use crate::telemetry;
 
 #[derive(Debug, Clone)]

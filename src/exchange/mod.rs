@@ -29,10 +29,6 @@ pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
         .boxed()
 }
 
-pub fn empty_body() -> ProxyBody {
-    full_body(Bytes::new())
-}
-
 /// What the stack knows about the request beyond its HTTP form. Shared by every attempt.
 #[derive(Debug)]
 pub struct RequestMeta {
@@ -155,14 +151,6 @@ impl RequestMeta {
         if let Some(v) = variant {
             f.variant = Some(v.clone());
         }
-    }
-
-    pub fn attempts(&self) -> u32 {
-        self.facts().attempts
-    }
-
-    pub fn model_version(&self) -> Option<String> {
-        self.facts().model_version.clone()
     }
 
     pub fn dlq_started(&self) {

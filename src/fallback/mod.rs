@@ -11,9 +11,9 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::breaker::{CachedResponse, ResponseCache};
-use crate::proxy::client::Upstream;
-use crate::proxy::headers::strip_hop_by_hop;
-use crate::proxy::types::{full_body, BoxError, FallbackKind, ProxyBody, ProxyRequest};
+use crate::exchange::headers::strip_hop_by_hop;
+use crate::exchange::{full_body, BoxError, FallbackKind, ProxyBody, ProxyRequest};
+use crate::upstream::Upstream;
 
 /// One step of a route's fallback chain, ready to serve.
 #[derive(Clone, Debug)]

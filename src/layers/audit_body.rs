@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::audit::{AuditHandle, Decision, DigestStream, Entry, Submission};
-use crate::proxy::types::{BoxError, ProxyBody};
+use crate::exchange::{BoxError, ProxyBody};
 
 /// A record waiting for its body to end.
 pub struct Pending {

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::breaker::{BreakerSettings, BreakerState, CallOutcome, CircuitBreaker, Mode, Permit};
-use crate::proxy::error::{ErrorKind, ProxyError};
-use crate::proxy::types::{ProxyRequest, ProxyResponse};
+use crate::exchange::error::{ErrorKind, ProxyError};
+use crate::exchange::{ProxyRequest, ProxyResponse};
 use crate::telemetry;
 
 /// A breaker shared by every request of a route (or variant), kept across reloads while its
@@ -248,8 +248,8 @@ pub fn outcome_of(result: &Result<ProxyResponse, ProxyError>) -> Option<CallOutc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::error::ErrorKind;
-    use crate::proxy::types::{full_body, test_request};
+    use crate::exchange::error::ErrorKind;
+    use crate::exchange::{full_body, test_request};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
     use tower::ServiceExt;

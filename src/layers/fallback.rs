@@ -12,9 +12,9 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
 use crate::breaker::ResponseCache;
+use crate::exchange::error::ProxyError;
+use crate::exchange::{ProxyRequest, ProxyResponse, Source};
 use crate::fallback::{to_cached, Fallback};
-use crate::proxy::error::ProxyError;
-use crate::proxy::types::{ProxyRequest, ProxyResponse, Source};
 
 #[derive(Clone, Debug)]
 pub struct FallbackLayer {
@@ -115,8 +115,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::error::ErrorKind;
-    use crate::proxy::types::{full_body, test_request, FallbackKind, Reason};
+    use crate::exchange::error::ErrorKind;
+    use crate::exchange::{full_body, test_request, FallbackKind, Reason};
     use std::time::Duration;
     use tower::ServiceExt;
 

@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use crate::proxy::error::{ErrorKind, ProxyError};
-use crate::proxy::types::{ProxyRequest, ProxyResponse};
+use crate::exchange::error::{ErrorKind, ProxyError};
+use crate::exchange::{ProxyRequest, ProxyResponse};
 
 /// The route's AI switch: the config value plus an admin override that holds until the
 /// config itself changes `ai_enabled`.
@@ -110,7 +110,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::types::test_request;
+    use crate::exchange::test_request;
     use std::time::Duration;
     use tower::ServiceExt;
 

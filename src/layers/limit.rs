@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use super::breaker::outcome_of;
 use crate::breaker::{CallOutcome, ConcurrencyLimiter, FailureKind, LimitPermit};
-use crate::proxy::error::{ErrorKind, ProxyError};
-use crate::proxy::types::{ProxyRequest, ProxyResponse};
+use crate::exchange::error::{ErrorKind, ProxyError};
+use crate::exchange::{ProxyRequest, ProxyResponse};
 use crate::telemetry;
 
 #[derive(Clone, Debug)]
@@ -129,7 +129,7 @@ impl Drop for LimitGuard {
 mod tests {
     use super::*;
     use crate::breaker::LimitSettings;
-    use crate::proxy::types::{full_body, test_request};
+    use crate::exchange::{full_body, test_request};
     use std::time::Duration;
     use tower::ServiceExt;
 

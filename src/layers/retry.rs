@@ -19,8 +19,8 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::breaker::{Backoff, RetryBudget};
 use crate::config::RetryConfig;
-use crate::proxy::error::ProxyError;
-use crate::proxy::types::{ProxyRequest, ProxyResponse};
+use crate::exchange::error::ProxyError;
+use crate::exchange::{ProxyRequest, ProxyResponse};
 use crate::telemetry;
 
 /// The least time a retry needs before the deadline when `attempt_timeout_ms` is unset:
@@ -146,8 +146,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::error::ErrorKind;
-    use crate::proxy::types::test_request;
+    use crate::exchange::error::ErrorKind;
+    use crate::exchange::test_request;
 
     /// A budget floor of 1/s lets single requests retry; `ratio` governs bulk traffic.
     fn policy(max_attempts: u32, ratio: f64) -> Arc<RetryPolicy> {

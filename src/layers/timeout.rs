@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::proxy::error::{ErrorKind, ProxyError};
-use crate::proxy::types::{ProxyRequest, ProxyResponse};
+use crate::exchange::error::{ErrorKind, ProxyError};
+use crate::exchange::{ProxyRequest, ProxyResponse};
 
 #[derive(Clone, Debug, Default)]
 pub struct DeadlineLayer;
@@ -124,7 +124,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::types::test_request;
+    use crate::exchange::test_request;
     use std::time::Duration;
     use tower::ServiceExt;
 

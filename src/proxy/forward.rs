@@ -14,11 +14,11 @@ use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Incoming;
 
-use super::client::Upstream;
-use super::error::{ErrorKind, ProxyError};
-use super::headers::strip_hop_by_hop;
-use super::types::{full_body, BoxError, ProxyBody, ProxyRequest, ProxyResponse};
 use crate::config::RouteConfig;
+use crate::exchange::error::{ErrorKind, ProxyError};
+use crate::exchange::headers::strip_hop_by_hop;
+use crate::exchange::{full_body, BoxError, ProxyBody, ProxyRequest, ProxyResponse};
+use crate::upstream::Upstream;
 
 /// Calls `upstream` for a route. Cheap to clone (one `Arc`): cloning the pooled client per
 /// request showed up in profiles.

@@ -4,13 +4,9 @@
 //! needs is reached through one `Snapshot`, loaded once per request, so a reload never
 //! changes the rules under a request in flight.
 
-pub mod client;
-pub mod error;
 pub mod forward;
-pub mod headers;
 pub mod replay;
 pub mod router;
-pub mod types;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -36,6 +31,9 @@ use crate::config::{
     RetryConfig, RouteConfig,
 };
 use crate::events::EventSink;
+use crate::exchange::error::error_response;
+use crate::exchange::headers::{self, IDEMPOTENCY_KEY, X_OUTCOME, X_REQUEST_ID};
+use crate::exchange::{ProxyBody, ProxyRequest, RequestMeta};
 use crate::fallback::Fallback;
 use crate::layers::breaker::{BreakerLayer, SharedBreaker};
 use crate::layers::dlq::{DeadLetters, DlqLayer};
@@ -45,12 +43,9 @@ use crate::layers::limit::LimitLayer;
 use crate::layers::observe::{AuditCtx, ObserveLayer, RouteMetrics};
 use crate::layers::retry::{RetryLayer, RetryPolicy};
 use crate::layers::timeout::{AttemptTimeoutLayer, DeadlineLayer};
-use client::Upstream;
-use error::error_response;
+use crate::upstream::Upstream;
 use forward::Forward;
-use headers::{IDEMPOTENCY_KEY, X_OUTCOME, X_REQUEST_ID};
 use router::Router;
-use types::{ProxyBody, ProxyRequest, RequestMeta};
 
 /// A route's whole stack, type-erased. Cloned per request (cheap: Arcs inside).
 pub type RouteService = BoxCloneSyncService<ProxyRequest, http::Response<ProxyBody>, Infallible>;
@@ -66,10 +61,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn route_service(&self, name: &str) -> Option<&RouteService> {
-        self.routes.get(name)
-    }
-
     pub fn route_state(&self, name: &str) -> Option<&Arc<RouteState>> {
         self.states.get(name)
     }
@@ -79,7 +70,6 @@ impl Snapshot {
 /// breaker, retry budget, answer cache, kill-switch override.
 #[derive(Debug)]
 pub struct RouteState {
-    pub route: Arc<RouteConfig>,
     pub breaker: Option<Arc<SharedBreaker>>,
     pub ai: Arc<AiSwitch>,
     pub canary: Arc<CanaryRoute>,
@@ -258,7 +248,6 @@ impl Shared {
             variant_breaker,
         );
         Arc::new(RouteState {
-            route: route.clone(),
             breaker,
             ai,
             canary,
@@ -295,10 +284,6 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> Result<Arc<Proxy>, ConfigErrors> {
-        Self::with_shared(config, Shared::default())
-    }
-
     /// Starts with state prepared by the caller (the decision log already attached, so the
     /// first generation records too).
     pub fn with_shared(config: Config, shared: Shared) -> Result<Arc<Proxy>, ConfigErrors> {
@@ -481,7 +466,11 @@ fn build_snapshot(
     })
 }
 
-type Branch = BoxCloneSyncService<ProxyRequest, types::ProxyResponse, error::ProxyError>;
+type Branch = BoxCloneSyncService<
+    ProxyRequest,
+    crate::exchange::ProxyResponse,
+    crate::exchange::error::ProxyError,
+>;
 
 /// The layer order, outermost first. Read top to bottom as the path a request takes.
 pub fn build_stack(
@@ -610,7 +599,8 @@ pub fn build_stack(
     Ok(BoxCloneSyncService::new(svc))
 }
 
-/// For tests and the admin API: the body as bytes.
-pub async fn body_bytes(body: ProxyBody) -> Result<Bytes, types::BoxError> {
+/// For layer tests: the body as bytes.
+#[cfg(test)]
+pub async fn body_bytes(body: ProxyBody) -> Result<bytes::Bytes, crate::exchange::BoxError> {
     Ok(body.collect().await?.to_bytes())
 }

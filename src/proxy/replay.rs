@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use http_body_util::BodyExt;
 
-use super::error::{ErrorKind, ProxyError};
-use super::types::{DlqOutcome, ProxyRequest, Reason};
 use super::Proxy;
 use crate::audit::{Decision, Entry};
 use crate::breaker::{BreakerState, CallOutcome, FailureKind};
 use crate::dlq::{DlqHandle, Envelope, ReplayAnswer, ReplayFailure, ReplayFuture, ReplayTarget};
+use crate::exchange::error::{ErrorKind, ProxyError};
+use crate::exchange::{DlqOutcome, ProxyRequest, Reason};
 use crate::layers::dlq::{DeadLetters, DlqFuture};
 
 /// Longest a request waits for the spool's group fsync (and the broker's confirm).
@@ -303,7 +303,7 @@ mod tests {
              [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\ntimeout_ms=5000\nreplayable=true\n\
              [routes.breaker]\nconsecutive_failures=1\nopen_ms=1000\nopen_max_ms=1000\nhalf_open_probes=1\n"
         );
-        Proxy::new(Config::from_toml(&text).unwrap()).unwrap()
+        Proxy::with_shared(Config::from_toml(&text).unwrap(), Default::default()).unwrap()
     }
 
     fn envelope() -> Envelope {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
-use crate::proxy::types::ProxyBody;
+use crate::exchange::ProxyBody;
 
 /// After an idle close is asked for (GOAWAY, or no keep-alive), the peer gets this long
 /// before the socket is dropped.

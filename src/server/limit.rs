@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::proxy::types::{full_body, ProxyBody};
+use crate::exchange::{full_body, ProxyBody};
 use crate::telemetry;
 
 /// Refusals answered at once; past this, an over-cap connection is closed unanswered, so
@@ -123,7 +123,7 @@ async fn refuse(
 }
 
 fn refusal<B>(req: &http::Request<B>, listener: &str, max: usize) -> http::Response<ProxyBody> {
-    let request_id = crate::proxy::headers::request_id(req.headers());
+    let request_id = crate::exchange::headers::request_id(req.headers());
     let key = if listener == "admin" {
         "server.admin_max_connections"
     } else {

@@ -1,2 +1,0 @@
-//! Moved to `crate::upstream`; kept so paths still resolve during the move.
-pub use crate::upstream::*;
