@@ -282,6 +282,12 @@ impl ProxyResponse {
     }
 }
 
+/// For layer tests: the body as bytes.
+#[cfg(test)]
+pub async fn body_bytes(body: ProxyBody) -> Result<Bytes, BoxError> {
+    Ok(body.collect().await?.to_bytes())
+}
+
 /// A GET request for a route named "test" with the given deadline, for layer unit tests.
 #[cfg(test)]
 pub fn test_request(timeout: Duration) -> ProxyRequest {

@@ -176,7 +176,9 @@ mod tests {
                 reason: Reason::Timeout
             }
         );
-        let body = crate::proxy::body_bytes(r.http.into_body()).await.unwrap();
+        let body = crate::exchange::body_bytes(r.http.into_body())
+            .await
+            .unwrap();
         assert_eq!(&body[..], b"fresh");
     }
 

@@ -559,7 +559,7 @@ mod tests {
             assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
             assert_eq!(resp.headers()[&X_REASON], "internal");
             assert_eq!(resp.headers()[&X_OUTCOME], "error");
-            let body = crate::proxy::body_bytes(resp.into_body()).await.unwrap();
+            let body = crate::exchange::body_bytes(resp.into_body()).await.unwrap();
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(json["error"]["code"], "internal");
         }

@@ -598,9 +598,3 @@ pub fn build_stack(
             .service(split);
     Ok(BoxCloneSyncService::new(svc))
 }
-
-/// For layer tests: the body as bytes.
-#[cfg(test)]
-pub async fn body_bytes(body: ProxyBody) -> Result<bytes::Bytes, crate::exchange::BoxError> {
-    Ok(body.collect().await?.to_bytes())
-}
