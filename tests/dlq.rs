@@ -355,14 +355,7 @@ async fn spool_only_mode_keeps_messages_reports_a_corrupt_record_and_replays_the
     proxy.stop().await;
     // Corrupt the second record's payload.
     let spool = dir.path().join("spool");
-    let seg = std::fs::read_dir(&spool)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
-        })
-        .unwrap();
+    let seg = first_segment(&spool);
     let mut data = std::fs::read(&seg).unwrap();
     // Record: magic(4) len(4) msg_id(16) crc(4) header crc(4) payload.
     let first_len = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
@@ -823,14 +816,7 @@ async fn a_flipped_bit_in_a_spool_length_loses_that_record_only_and_inspect_says
     }
     proxy.stop().await;
     let spool = dir.path().join("spool");
-    let seg = std::fs::read_dir(&spool)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
-        })
-        .unwrap();
+    let seg = first_segment(&spool);
     // Record: magic(4) len(4) msg_id(16) crc(4) header crc(4) payload.
     let mut data = std::fs::read(&seg).unwrap();
     let first_len = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
@@ -1047,4 +1033,16 @@ async fn admin_dlq_reads_depths_without_a_new_connection_per_call() {
     proxy.stop().await;
     let (_conn, ch) = rabbit::channel().await;
     rabbit::cleanup(&ch, &route).await;
+}
+
+/// The spool's first segment that holds records.
+fn first_segment(spool: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
+        })
+        .unwrap()
 }

@@ -179,15 +179,7 @@ impl Lane<'_> {
         let others = self.name == OTHERS;
         let Some(payload) = &record.payload else {
             if others {
-                tracing::error!(
-                    segment = record.segment,
-                    from = record.start,
-                    to = record.end,
-                    damage = ?record.damage,
-                    "corrupt DLQ spool record skipped"
-                );
-                metrics::counter!(telemetry::DLQ_MESSAGES, "route" => "", "result" => "corrupt")
-                    .increment(1);
+                record.report_skipped();
             }
             return Step::Skip;
         };

@@ -405,15 +405,7 @@ async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: Cance
         for record in batch {
             let pos = (record.segment, record.end);
             let Some(payload) = record.payload.clone() else {
-                tracing::error!(
-                    segment = record.segment,
-                    from = record.start,
-                    to = record.end,
-                    damage = ?record.damage,
-                    "corrupt DLQ spool record skipped"
-                );
-                metrics::counter!(telemetry::DLQ_MESSAGES, "route" => "", "result" => "corrupt")
-                    .increment(1);
+                record.report_skipped();
                 items.push((pos, None));
                 continue;
             };

@@ -187,6 +187,21 @@ pub struct StoredRecord {
 }
 
 impl StoredRecord {
+    /// Logs and counts a damaged record that a reader skips.
+    pub fn report_skipped(&self) {
+        tracing::error!(
+            segment = self.segment,
+            from = self.start,
+            to = self.end,
+            damage = ?self.damage,
+            "corrupt DLQ spool record skipped"
+        );
+        metrics::counter!(crate::telemetry::DLQ_MESSAGES, "route" => "", "result" => "corrupt")
+            .increment(1);
+    }
+}
+
+impl StoredRecord {
     fn damaged(segment: u64, start: u64, end: u64, msg_id: [u8; 16], damage: Damage) -> Self {
         StoredRecord {
             segment,
