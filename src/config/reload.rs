@@ -266,11 +266,8 @@ fn audit_keys(old: &Config, new: &Config, keys: &mut Vec<String>) {
 
 /// The replay workers and the DLQ layer are built per replayable route at start.
 fn replayable_keys(old: &Config, new: &Config, keys: &mut Vec<String>) {
-    let replayable = |c: &Config, name: &str| {
-        c.routes
-            .iter()
-            .any(|r| r.replayable && &*r.name == name)
-    };
+    let replayable =
+        |c: &Config, name: &str| c.routes.iter().any(|r| r.replayable && &*r.name == name);
     let mut names: Vec<&str> = old
         .routes
         .iter()
