@@ -1,6 +1,8 @@
 //! Reloads that touch keys read once at start are refused by name, through the admin API
 //! of a running proxy, and the old config keeps serving.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use support::TestProxy;
