@@ -181,25 +181,7 @@ fn start_dlq(
         .collect();
     let stop = CancellationToken::new();
     let (handle, tasks) = crate::dlq::start(
-        crate::dlq::DlqSettings {
-            amqp_url: d.amqp_url.clone(),
-            exchange: d.exchange.clone(),
-            results_exchange: d.results_exchange.clone(),
-            spool: crate::dlq::spool::SpoolSettings {
-                dir: d.spool_dir.clone(),
-                max_bytes: d.spool_max_bytes,
-                segment_bytes: d.segment_bytes,
-                fsync_interval: d.fsync_interval,
-            },
-            replay_rate_per_s: d.replay_rate_per_s,
-            max_replay_attempts: d.max_replay_attempts,
-            delivery_limit: d.delivery_limit,
-            prefetch: d.prefetch,
-            confirm_timeout: d.confirm_timeout,
-            queued_wait: d.queued_wait,
-            routes,
-            redact_headers: redact.clone(),
-        },
+        dlq_settings(d, routes, redact.clone()),
         replay_target,
         stop.clone(),
     )
@@ -216,6 +198,33 @@ fn start_dlq(
         tasks,
         stop,
     }))
+}
+
+/// The DLQ's runtime settings from its validated config.
+fn dlq_settings(
+    d: &crate::config::DlqConfig,
+    routes: Vec<String>,
+    redact_headers: Vec<String>,
+) -> crate::dlq::DlqSettings {
+    crate::dlq::DlqSettings {
+        amqp_url: d.amqp_url.clone(),
+        exchange: d.exchange.clone(),
+        results_exchange: d.results_exchange.clone(),
+        spool: crate::dlq::spool::SpoolSettings {
+            dir: d.spool_dir.clone(),
+            max_bytes: d.spool_max_bytes,
+            segment_bytes: d.segment_bytes,
+            fsync_interval: d.fsync_interval,
+        },
+        replay_rate_per_s: d.replay_rate_per_s,
+        max_replay_attempts: d.max_replay_attempts,
+        delivery_limit: d.delivery_limit,
+        prefetch: d.prefetch,
+        confirm_timeout: d.confirm_timeout,
+        queued_wait: d.queued_wait,
+        routes,
+        redact_headers,
+    }
 }
 
 /// Builds the proxy's first generation and points the replay target at it.
