@@ -78,3 +78,37 @@ async fn a_route_made_replayable_without_a_dlq_section_is_refused_by_route_key()
     assert_eq!(generation(&p).await, gen0, "the old config keeps serving");
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_changed_audit_rotation_is_refused_by_key() {
+    let base = tempfile::tempdir().unwrap();
+    let key_file = base.path().join("key");
+    std::fs::write(
+        &key_file,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    )
+    .unwrap();
+    let audit = |rotate: u64| {
+        format!(
+            "[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\nrotate_bytes = {rotate}\n",
+            base.path().join("decisions.jsonl").display(),
+            key_file.display()
+        )
+    };
+    let p = TestProxy::start(&config(2000, false, &audit(1_000_000))).await;
+    let gen0 = generation(&p).await;
+    rewrite(&p, &config(2000, false, &audit(2_000_000)));
+    let r = p.admin_post("/admin/reload", "", None).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let errors = r.json()["error"]["errors"].clone();
+    assert!(
+        errors
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "audit.rotate_bytes"),
+        "{errors}"
+    );
+    assert_eq!(generation(&p).await, gen0, "the old config keeps serving");
+    p.stop().await;
+}
