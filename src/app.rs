@@ -180,12 +180,8 @@ fn start_dlq(
         .map(|r| r.name.to_string())
         .collect();
     let stop = CancellationToken::new();
-    let (handle, tasks) = crate::dlq::start(
-        dlq_settings(d, routes, redact.clone()),
-        replay_target,
-        stop.clone(),
-    )
-    .map_err(|e| AppError::Start {
+    let (handle, tasks) = crate::dlq::start(dlq_settings(d, routes), replay_target, stop.clone())
+        .map_err(|e| AppError::Start {
         what: "the DLQ spool",
         message: e.to_string(),
     })?;
@@ -201,11 +197,7 @@ fn start_dlq(
 }
 
 /// The DLQ's runtime settings from its validated config.
-fn dlq_settings(
-    d: &crate::config::DlqConfig,
-    routes: Vec<String>,
-    redact_headers: Vec<String>,
-) -> crate::dlq::DlqSettings {
+fn dlq_settings(d: &crate::config::DlqConfig, routes: Vec<String>) -> crate::dlq::DlqSettings {
     crate::dlq::DlqSettings {
         amqp_url: d.amqp_url.clone(),
         exchange: d.exchange.clone(),
@@ -223,7 +215,6 @@ fn dlq_settings(
         confirm_timeout: d.confirm_timeout,
         queued_wait: d.queued_wait,
         routes,
-        redact_headers,
     }
 }
 
