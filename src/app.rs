@@ -68,160 +68,211 @@ pub async fn run(
     let hash = config.hash.clone();
     let watch = config.server.watch_config;
     let shared = Shared::default();
-    // Stops the decision log's RabbitMQ copies once the log is flushed at shutdown.
-    let audit_publish_stop = CancellationToken::new();
-    let config_publishes = config.audit.as_ref().is_some_and(|a| a.publish.is_some());
-    let audit_block_timeout = config
-        .audit
-        .as_ref()
-        .map(|a| a.block_timeout)
-        .unwrap_or_default();
-    let audit = match &config.audit {
-        Some(a) => {
-            let publish = a.publish.clone().map(|p| {
-                AuditPublisher::start(
-                    p,
-                    config.server.instance.clone(),
-                    audit_publish_stop.clone(),
-                )
-                .0
-            });
-            let (handle, _thread) = crate::audit::start(AuditSettings {
-                path: a.path.clone(),
-                hmac_key: a.hmac_key.clone(),
-                key_id: a.key_id.clone(),
-                rotate_bytes: a.rotate_bytes,
-                retention_days: a.retention_days,
-                on_full_drop: a.on_full_drop,
-                channel_capacity: a.channel_capacity,
-                fsync_interval: a.fsync_interval,
-                fsync_max_records: a.fsync_max_records,
-                block_timeout: a.block_timeout,
-                instance: config.server.instance.clone(),
-                publish,
-            })
-            .map_err(|e| AppError::Start {
-                what: "the decision log",
-                message: e.to_string(),
-            })?;
-            shared.set_audit(handle.clone());
-            shared.set_events(Arc::new(handle.clone()));
-            Some(handle)
-        }
-        None => None,
+    let audit = start_audit(&config, &shared)?;
+    // The DLQ needs the proxy (to replay) and the proxy's stacks need the DLQ: the sink is
+    // attached before the first snapshot, the replay target holds the proxy weakly.
+    let replay_target = Arc::new(LateReplay::default());
+    let dlq = start_dlq(&config, &shared, replay_target.clone())?;
+    let proxy = build_proxy(config, shared, &replay_target)?;
+    let reloader = Reloader::new(config_path, hash, 1, installer(proxy.clone()));
+    // Background tasks stop on `background`, after the data plane has drained.
+    let background = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    spawn_background(&tracker, &proxy, &reloader, &metrics, watch, &background);
+    let admin_state = Arc::new(AdminState {
+        proxy: proxy.clone(),
+        reloader,
+        metrics,
+        listeners_ready: false.into(),
+        audit: audit.as_ref().map(|a| a.handle.clone()),
+        dlq: dlq.as_ref().map(|d| d.handle.clone()),
+    });
+    let data = serve(listeners, &admin_state, &tracker, &background, &shutdown);
+    shutdown.cancelled().await;
+    stop(Stopping {
+        proxy,
+        admin_state,
+        data,
+        audit,
+        dlq,
+        background,
+        tracker,
+    })
+    .await;
+    Ok(())
+}
+
+/// The decision log and what its shutdown needs.
+struct Audit {
+    handle: crate::audit::AuditHandle,
+    /// Stops the decision log's RabbitMQ copies once the log is flushed at shutdown.
+    publish_stop: CancellationToken,
+    publishes: bool,
+    block_timeout: std::time::Duration,
+}
+
+/// Starts the decision log when the config has an `[audit]` section.
+fn start_audit(config: &Config, shared: &Shared) -> Result<Option<Audit>, AppError> {
+    let Some(a) = &config.audit else {
+        return Ok(None);
     };
-    let dlq_cfg = config.dlq.clone();
+    let publish_stop = CancellationToken::new();
+    let instance = config.server.instance.clone();
+    let publish = a
+        .publish
+        .clone()
+        .map(|p| AuditPublisher::start(p, instance.clone(), publish_stop.clone()).0);
+    let (handle, _thread) = crate::audit::start(AuditSettings {
+        path: a.path.clone(),
+        hmac_key: a.hmac_key.clone(),
+        key_id: a.key_id.clone(),
+        rotate_bytes: a.rotate_bytes,
+        retention_days: a.retention_days,
+        on_full_drop: a.on_full_drop,
+        channel_capacity: a.channel_capacity,
+        fsync_interval: a.fsync_interval,
+        fsync_max_records: a.fsync_max_records,
+        block_timeout: a.block_timeout,
+        instance,
+        publish,
+    })
+    .map_err(|e| AppError::Start {
+        what: "the decision log",
+        message: e.to_string(),
+    })?;
+    shared.set_audit(handle.clone());
+    shared.set_events(Arc::new(handle.clone()));
+    Ok(Some(Audit {
+        handle,
+        publish_stop,
+        publishes: a.publish.is_some(),
+        block_timeout: a.block_timeout,
+    }))
+}
+
+/// The DLQ and what its shutdown needs.
+struct Dlq {
+    handle: crate::dlq::DlqHandle,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+/// Starts the spool and the replay workers when a route is replayable (the validator then
+/// always provides a `[dlq]`), and attaches the sink the proxy's DLQ layer hands off to.
+fn start_dlq(
+    config: &Config,
+    shared: &Shared,
+    replay_target: Arc<LateReplay>,
+) -> Result<Option<Dlq>, AppError> {
+    let Some(d) = &config.dlq else {
+        return Ok(None);
+    };
+    // Client credentials are always dropped by the envelope; this list adds to them.
     let redact = config
         .audit
         .as_ref()
         .map(|a| a.redact_headers.clone())
-        .unwrap_or_else(|| {
-            vec![
-                "authorization".into(),
-                "cookie".into(),
-                "proxy-authorization".into(),
-            ]
-        });
-    let replayable: Vec<String> = config
+        .unwrap_or_default();
+    let routes = config
         .routes
         .iter()
         .filter(|r| r.replayable)
         .map(|r| r.name.to_string())
         .collect();
-    // The DLQ needs the proxy (to replay) and the proxy's stacks need the DLQ: the sink is
-    // attached before the first snapshot, the replay target holds the proxy weakly.
-    let dlq_shutdown = CancellationToken::new();
-    let replay_target = Arc::new(LateReplay::default());
-    let dlq = match &dlq_cfg {
-        Some(d) => {
-            let (handle, tasks) = crate::dlq::start(
-                crate::dlq::DlqSettings {
-                    amqp_url: d.amqp_url.clone(),
-                    exchange: d.exchange.clone(),
-                    results_exchange: d.results_exchange.clone(),
-                    spool: crate::dlq::spool::SpoolSettings {
-                        dir: d.spool_dir.clone(),
-                        max_bytes: d.spool_max_bytes,
-                        segment_bytes: d.segment_bytes,
-                        fsync_interval: d.fsync_interval,
-                    },
-                    replay_rate_per_s: d.replay_rate_per_s,
-                    max_replay_attempts: d.max_replay_attempts,
-                    delivery_limit: d.delivery_limit,
-                    prefetch: d.prefetch,
-                    confirm_timeout: d.confirm_timeout,
-                    queued_wait: d.queued_wait,
-                    routes: replayable.clone(),
-                    redact_headers: redact.clone(),
-                },
-                replay_target.clone(),
-                dlq_shutdown.clone(),
-            )
-            .map_err(|e| AppError::Start {
-                what: "the DLQ spool",
-                message: e.to_string(),
-            })?;
-            shared.set_dlq(Arc::new(crate::proxy::replay::DlqSink {
-                handle: handle.clone(),
-                redact: redact.clone(),
-            }));
-            Some((handle, tasks))
-        }
-        None => None,
-    };
+    let stop = CancellationToken::new();
+    let (handle, tasks) = crate::dlq::start(dlq_settings(d, routes), replay_target, stop.clone())
+        .map_err(|e| AppError::Start {
+        what: "the DLQ spool",
+        message: e.to_string(),
+    })?;
+    shared.set_dlq(Arc::new(crate::proxy::replay::DlqSink {
+        handle: handle.clone(),
+        redact,
+    }));
+    Ok(Some(Dlq {
+        handle,
+        tasks,
+        stop,
+    }))
+}
+
+/// The DLQ's runtime settings from its validated config.
+fn dlq_settings(d: &crate::config::DlqConfig, routes: Vec<String>) -> crate::dlq::DlqSettings {
+    crate::dlq::DlqSettings {
+        amqp_url: d.amqp_url.clone(),
+        exchange: d.exchange.clone(),
+        results_exchange: d.results_exchange.clone(),
+        spool: crate::dlq::spool::SpoolSettings {
+            dir: d.spool_dir.clone(),
+            max_bytes: d.spool_max_bytes,
+            segment_bytes: d.segment_bytes,
+            fsync_interval: d.fsync_interval,
+        },
+        replay_rate_per_s: d.replay_rate_per_s,
+        max_replay_attempts: d.max_replay_attempts,
+        delivery_limit: d.delivery_limit,
+        prefetch: d.prefetch,
+        confirm_timeout: d.confirm_timeout,
+        queued_wait: d.queued_wait,
+        routes,
+    }
+}
+
+/// Builds the proxy's first generation and points the replay target at it.
+fn build_proxy(
+    config: Config,
+    shared: Shared,
+    replay_target: &LateReplay,
+) -> Result<Arc<Proxy>, AppError> {
     let proxy = Proxy::with_shared(config, shared)?;
     replay_target.set(Arc::new(crate::proxy::replay::ProxyReplay {
         proxy: Arc::downgrade(&proxy),
     }));
     metrics::gauge!(telemetry::CONFIG_GENERATION).set(1.0);
+    Ok(proxy)
+}
 
-    let installer: Installer = {
+/// What every reload trigger hands a validated config to: refuses restart-only changes,
+/// installs the rest and records the reload in the decision log.
+fn installer(proxy: Arc<Proxy>) -> Installer {
+    Arc::new(move |config: Config, trigger: &str| {
         let proxy = proxy.clone();
-        Arc::new(move |config: Config, trigger: &str| {
-            let proxy = proxy.clone();
-            let trigger = trigger.to_string();
-            Box::pin(async move {
-                let old = proxy.snapshot();
-                if old.config.server.listen != config.server.listen
-                    || old.config.server.admin_listen != config.server.admin_listen
-                {
-                    tracing::warn!("listen addresses changed: they take effect on restart");
-                }
-                if old
-                    .config
-                    .audit
-                    .as_ref()
-                    .map(|a| (&a.path, &a.key_id, &a.publish))
-                    != config
-                        .audit
-                        .as_ref()
-                        .map(|a| (&a.path, &a.key_id, &a.publish))
-                {
-                    tracing::warn!("[audit] path, key or publish changes take effect on restart");
-                }
-                reload::refuse_restart_only(&old.config, &config)?;
-                let snapshot = proxy.install(config)?;
-                if let Some(events) = proxy.shared.events() {
-                    events.emit(
-                        "config_reload",
-                        serde_json::json!({
-                            "trigger": trigger,
-                            "config_gen": snapshot.generation,
-                            "config_hash_before": old.config.hash,
-                            "config_hash_after": snapshot.config.hash,
-                        }),
-                        trigger.strip_prefix("admin:"),
-                    );
-                }
-                Ok(snapshot.generation)
-            })
+        let trigger = trigger.to_string();
+        Box::pin(async move {
+            let old = proxy.snapshot();
+            if old.config.server.listen != config.server.listen
+                || old.config.server.admin_listen != config.server.admin_listen
+            {
+                tracing::warn!("listen addresses changed: they take effect on restart");
+            }
+            reload::refuse_restart_only(&old.config, &config)?;
+            let snapshot = proxy.install(config)?;
+            if let Some(events) = proxy.shared.events() {
+                events.emit(
+                    "config_reload",
+                    serde_json::json!({
+                        "trigger": trigger,
+                        "config_gen": snapshot.generation,
+                        "config_hash_before": old.config.hash,
+                        "config_hash_after": snapshot.config.hash,
+                    }),
+                    trigger.strip_prefix("admin:"),
+                );
+            }
+            Ok(snapshot.generation)
         })
-    };
-    let reloader = Reloader::new(config_path, hash, 1, installer);
+    })
+}
 
-    // Background tasks stop on `background`, after the data plane has drained.
-    let background = CancellationToken::new();
-    let tracker = TaskTracker::new();
+/// Telemetry upkeep, route gauges and the reload triggers (file watch, SIGHUP).
+fn spawn_background(
+    tracker: &TaskTracker,
+    proxy: &Arc<Proxy>,
+    reloader: &Arc<Reloader>,
+    metrics: &metrics_exporter_prometheus::PrometheusHandle,
+    watch: bool,
+    background: &CancellationToken,
+) {
     tracker.spawn(telemetry::upkeep(metrics.clone(), background.clone()));
     tracker.spawn(route_gauges(proxy.clone(), background.clone()));
     if watch {
@@ -244,15 +295,17 @@ pub async fn run(
         }
         Err(e) => tracing::warn!(error = %e, "cannot install the SIGHUP handler"),
     }
+}
 
-    let admin_state = Arc::new(AdminState {
-        proxy: proxy.clone(),
-        reloader: reloader.clone(),
-        metrics,
-        listeners_ready: false.into(),
-        audit: audit.clone(),
-        dlq: dlq.as_ref().map(|(h, _)| h.clone()),
-    });
+/// Starts the admin API (a background task) and the data plane (stops on `shutdown`), then
+/// reports ready.
+fn serve(
+    listeners: Listeners,
+    admin_state: &Arc<AdminState>,
+    tracker: &TaskTracker,
+    background: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let data_addr = listeners.data.local_addr().ok();
     let admin_addr = listeners.admin.local_addr().ok();
     tracker.spawn(admin::serve(
@@ -262,40 +315,59 @@ pub async fn run(
     ));
     let data = tokio::spawn(server::serve(
         listeners.data,
-        proxy.clone(),
+        admin_state.proxy.clone(),
         shutdown.clone(),
     ));
     admin_state.listeners_ready.store(true, Ordering::Release);
     tracing::info!(data = ?data_addr, admin = ?admin_addr, "breakwater serving");
+    data
+}
 
-    shutdown.cancelled().await;
-    admin_state.listeners_ready.store(false, Ordering::Release);
+/// Everything the shutdown sequence stops, in order.
+struct Stopping {
+    proxy: Arc<Proxy>,
+    admin_state: Arc<AdminState>,
+    data: tokio::task::JoinHandle<()>,
+    audit: Option<Audit>,
+    dlq: Option<Dlq>,
+    background: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Drains the data plane, flushes and closes the decision log within the grace, stops the
+/// DLQ, then the background tasks.
+async fn stop(s: Stopping) {
+    s.admin_state
+        .listeners_ready
+        .store(false, Ordering::Release);
     tracing::info!("shutdown requested: no new connections; draining in-flight requests");
-    let grace_ends = tokio::time::Instant::now() + proxy.snapshot().config.server.shutdown_grace;
-    let _ = data.await;
-    if let Some(audit) = &audit {
-        // Every answered request's record is on disk before the process exits, within
-        // what is left of the grace (at least `block_timeout_ms`): a dead disk must not
-        // hold the shutdown.
-        let left = grace_ends.saturating_duration_since(tokio::time::Instant::now());
-        audit.close(left.max(audit_block_timeout)).await;
+    let grace_ends = tokio::time::Instant::now() + s.proxy.snapshot().config.server.shutdown_grace;
+    let _ = s.data.await;
+    if let Some(audit) = &s.audit {
+        close_audit(audit, grace_ends).await;
     }
-    if config_publishes {
-        // The last copies get a moment to reach the broker; any left are in the file.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    audit_publish_stop.cancel();
-    dlq_shutdown.cancel();
-    if let Some((_, tasks)) = dlq {
-        for t in tasks {
+    if let Some(dlq) = s.dlq {
+        dlq.stop.cancel();
+        for t in dlq.tasks {
             let _ = t.await;
         }
     }
-    background.cancel();
-    tracker.close();
-    tracker.wait().await;
+    s.background.cancel();
+    s.tracker.close();
+    s.tracker.wait().await;
     tracing::info!("stopped");
-    Ok(())
+}
+
+/// Every answered request's record is on disk before the process exits, within what is
+/// left of the grace (at least `block_timeout_ms`): a dead disk must not hold the shutdown.
+async fn close_audit(audit: &Audit, grace_ends: tokio::time::Instant) {
+    let left = grace_ends.saturating_duration_since(tokio::time::Instant::now());
+    audit.handle.close(left.max(audit.block_timeout)).await;
+    if audit.publishes {
+        // The last copies get a moment to reach the broker; any left are in the file.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    audit.publish_stop.cancel();
 }
 
 /// Breakers move from open to half-open by the clock, not by an event: refresh their

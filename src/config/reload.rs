@@ -174,43 +174,13 @@ pub fn on_sighup(
     }))
 }
 
-/// Keys read once at start: a reload that changes any of them is refused, naming them,
-/// rather than accepted and ignored.
+/// Keys read once at start: a reload that changes any of them is refused, each named by
+/// its key path, rather than accepted and ignored.
 pub fn refuse_restart_only(old: &Config, new: &Config) -> Result<(), ConfigErrors> {
     let mut keys: Vec<String> = Vec::new();
-    let dlq = |c: &Config| c.dlq.as_ref().map(|d| format!("{d:?}"));
-    if dlq(old) != dlq(new) {
-        keys.push("dlq".into());
-    }
-    let audit = |c: &Config| {
-        c.audit.as_ref().map(|a| {
-            (
-                a.path.clone(),
-                a.hmac_key.clone(),
-                a.key_id.clone(),
-                a.redact_headers.clone(),
-                a.rotate_bytes,
-                a.on_full_drop,
-                a.channel_capacity,
-                a.fsync_interval,
-                a.fsync_max_records,
-                a.publish.clone(),
-            )
-        })
-    };
-    if audit(old) != audit(new) {
-        keys.push("audit (writer settings, redact_headers, publish)".into());
-    }
-    let replayable = |c: &Config| -> Vec<String> {
-        c.routes
-            .iter()
-            .filter(|r| r.replayable)
-            .map(|r| r.name.to_string())
-            .collect()
-    };
-    if old.dlq.is_some() && replayable(old) != replayable(new) {
-        keys.push("routes.replayable (the set of replayable routes)".into());
-    }
+    dlq_keys(old, new, &mut keys);
+    audit_keys(old, new, &mut keys);
+    replayable_keys(old, new, &mut keys);
     if keys.is_empty() {
         return Ok(());
     }
@@ -219,10 +189,98 @@ pub fn refuse_restart_only(old: &Config, new: &Config) -> Result<(), ConfigError
             .into_iter()
             .map(|path| super::ConfigError {
                 path,
-                message: "changes take effect only on restart; reload refused".into(),
+                message: "read once at start: a restart is needed to change it; reload refused"
+                    .into(),
             })
             .collect(),
     })
+}
+
+/// Pushes `prefix.field` for every listed field that differs between `a` and `b`.
+macro_rules! changed {
+    ($keys:expr, $prefix:literal, $a:expr, $b:expr, [$($field:ident),+ $(,)?]) => {
+        {
+            $(if $a.$field != $b.$field {
+                $keys.push(format!("{}.{}", $prefix, stringify!($field)));
+            })+
+        }
+    };
+}
+
+fn dlq_keys(old: &Config, new: &Config, keys: &mut Vec<String>) {
+    match (&old.dlq, &new.dlq) {
+        (Some(a), Some(b)) => changed!(
+            keys,
+            "dlq",
+            a,
+            b,
+            [
+                amqp_url,
+                exchange,
+                spool_dir,
+                spool_max_bytes,
+                segment_bytes,
+                fsync_interval,
+                replay_rate_per_s,
+                max_replay_attempts,
+                delivery_limit,
+                prefetch,
+                confirm_timeout,
+                queued_wait,
+                results_exchange,
+            ]
+        ),
+        (None, None) => {}
+        // Adding or removing the DLQ (a [dlq] section, or the default one replayable
+        // routes bring) starts or stops the spool and the replay workers.
+        _ => keys.push("dlq".into()),
+    }
+}
+
+fn audit_keys(old: &Config, new: &Config, keys: &mut Vec<String>) {
+    match (&old.audit, &new.audit) {
+        (Some(a), Some(b)) => changed!(
+            keys,
+            "audit",
+            a,
+            b,
+            [
+                path,
+                hmac_key,
+                key_id,
+                redact_headers,
+                rotate_bytes,
+                retention_days,
+                on_full_drop,
+                block_timeout,
+                channel_capacity,
+                fsync_interval,
+                fsync_max_records,
+                publish,
+            ]
+        ),
+        (None, None) => {}
+        _ => keys.push("audit".into()),
+    }
+}
+
+/// The replay workers and the DLQ layer are built per replayable route at start.
+fn replayable_keys(old: &Config, new: &Config, keys: &mut Vec<String>) {
+    let replayable =
+        |c: &Config, name: &str| c.routes.iter().any(|r| r.replayable && &*r.name == name);
+    let mut names: Vec<&str> = old
+        .routes
+        .iter()
+        .chain(new.routes.iter())
+        .map(|r| &*r.name)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        if replayable(old, name) != replayable(new, name) {
+            keys.push(format!("routes.{name}.replayable"));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -241,8 +299,8 @@ mod restart_only_tests {
     fn a_changed_spool_dir_or_replayable_set_is_refused_by_name() {
         assert!(refuse_restart_only(&config("a", true), &config("a", true)).is_ok());
         let e = refuse_restart_only(&config("a", true), &config("b", true)).unwrap_err();
-        assert_eq!(e.errors[0].path, "dlq");
+        assert_eq!(e.errors[0].path, "dlq.spool_dir");
         let e = refuse_restart_only(&config("a", true), &config("a", false)).unwrap_err();
-        assert!(e.errors[0].path.starts_with("routes.replayable"));
+        assert_eq!(e.errors[0].path, "routes.r.replayable");
     }
 }

@@ -48,7 +48,6 @@ pub struct DlqSettings {
     /// How long `enqueue` waits for the broker's confirm before answering `spooled`.
     pub queued_wait: Duration,
     pub routes: Vec<String>,
-    pub redact_headers: Vec<String>,
 }
 
 impl DlqSettings {
