@@ -928,9 +928,18 @@ async fn a_message_redelivered_past_the_delivery_limit_is_parked_not_dropped() {
         rabbit::wait_depth(&conn, &queue, 1, Duration::from_secs(10)).await,
         1
     );
+    // The replay consumer steps aside, so that only this test takes the message.
+    let paused = proxy
+        .admin_post(&format!("/admin/dlq/pause?route={route}"), "", None)
+        .await;
+    assert_eq!(paused.status, 200);
     // What the replay worker does when the breaker refuses or a result cannot be published:
     // take the message and requeue it, more often than the limit allows.
-    for _ in 0..4 {
+    let mut requeued = 0;
+    for _ in 0..200 {
+        if requeued == 4 {
+            break;
+        }
         let Some(m) = ch
             .basic_get(
                 queue.as_str().into(),
@@ -939,8 +948,14 @@ async fn a_message_redelivered_past_the_delivery_limit_is_parked_not_dropped() {
             .await
             .unwrap()
         else {
-            break;
+            // Still unacked by a consumer that is stopping, or already dead-lettered.
+            if rabbit::depth(&conn, &parked).await == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         };
+        requeued += 1;
         m.delivery
             .nack(lapin::options::BasicNackOptions {
                 requeue: true,
