@@ -934,4 +934,38 @@ mod tests {
             assert_eq!(a.digest(input), expected);
         }
     }
+
+    /// Item 15: a full channel never turns hand-overs into tasks. With the writer held in
+    /// a long group-commit wait and its channel full, 5,000 `submit_now` calls leave the
+    /// number of live tasks where it was (one overflow task, started with the log), and
+    /// every entry that finds no room in time is counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_channel_spawns_no_task_per_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), Duration::from_secs(5), 1 << 20);
+        s.channel_capacity = 4;
+        s.block_timeout = Duration::from_millis(100);
+        let (handle, thread) = start(s).unwrap();
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.num_alive_tasks();
+        for i in 0..5_000 {
+            handle.submit_now(decision(i));
+        }
+        let during = metrics.num_alive_tasks();
+        assert!(
+            during <= before + 1,
+            "{before} live tasks before, {during} after 5,000 hand-overs to a full channel"
+        );
+        // Past block_timeout_ms what could not be handed over is counted, not queued.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let lost = handle.0.counters.dropped.load(Ordering::Relaxed);
+        assert!(
+            lost >= 5_000 - 4 - OVERFLOW_CAPACITY as u64 - 1,
+            "{lost} counted lost"
+        );
+        drop(handle);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
 }
