@@ -18,6 +18,9 @@ COPY --from=build /src/config /app/config
 # Decision log and DLQ spool: mount a persistent volume here in production.
 COPY --from=build --chown=nonroot:nonroot /out/var /app/var
 ENV BREAKWATER_CONFIG=/app/config/breakwater.toml
+# The shipped example HMAC key is public: the image refuses to start with it (a local
+# `cargo run` only warns). Mount your own config and key.
+ENV BREAKWATER_REFUSE_EXAMPLE_KEY=1
 USER nonroot:nonroot
 # 8080: data plane (Magento calls this). 9901: admin API and /metrics.
 # As a sidecar, Magento reaches breakwater on localhost inside the pod; to publish the ports

@@ -265,14 +265,18 @@ async fn data_plane_refuses_and_counts_the_connection_over_max_connections() {
         dir.path(),
         &with_server_keys(&ai, "max_connections = 2\nidle_timeout_ms = 30000"),
     );
-    let child = pp.spawn().await;
-    // spawn() probed the port with a connection of its own: let it go first.
-    wait_for_gauge(
-        pp.admin,
-        "breakwater_connections_open{listener=\"data\"}",
-        0.0,
-    )
-    .await;
+    let mut child = Reaped(Some(pp.spawn().await));
+    // spawn() probed the port with connections of its own: let them go first. A probe
+    // still in the accept backlog is taken a moment later, so the count must stay at 0.
+    for _ in 0..2 {
+        wait_for_gauge(
+            pp.admin,
+            "breakwater_connections_open{listener=\"data\"}",
+            0.0,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut a = open_h1(pp.port).await;
     let mut b = open_h1(pp.port).await;
     assert_eq!(get_status(&mut a, "/v1/x").await, 200);
@@ -314,7 +318,7 @@ async fn data_plane_refuses_and_counts_the_connection_over_max_connections() {
     let mut c = open_h1(pp.port).await;
     assert_eq!(get_status(&mut c, "/v1/x").await, 200);
     assert_eq!(ai.requests(), 5);
-    terminate(child);
+    terminate(child.0.take().unwrap());
 }
 
 #[tokio::test]
@@ -325,7 +329,7 @@ async fn admin_listener_refuses_and_counts_the_connection_over_admin_max_connect
         dir.path(),
         &with_server_keys(&ai, "admin_max_connections = 2\nidle_timeout_ms = 30000"),
     );
-    let child = pp.spawn().await;
+    let mut child = Reaped(Some(pp.spawn().await));
     wait_for_gauge(
         pp.admin,
         "breakwater_connections_open{listener=\"admin\"}",
@@ -354,13 +358,28 @@ async fn admin_listener_refuses_and_counts_the_connection_over_admin_max_connect
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
+    // At least the third connection; a /metrics read that came before b's slot was free
+    // is refused and counted too.
+    assert!(
         sample(
             &page,
             "breakwater_connections_refused_total{listener=\"admin\"}"
-        ),
-        Some(1.0),
+        )
+        .is_some_and(|n| n >= 1.0),
         "{page}"
     );
-    terminate(child);
+    terminate(child.0.take().unwrap());
+}
+
+/// The proxy process, killed if the test fails before it ends it: a leftover child would
+/// hold the test runner's output pipe open.
+struct Reaped(Option<std::process::Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

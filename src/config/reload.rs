@@ -181,6 +181,13 @@ pub fn refuse_restart_only(old: &Config, new: &Config) -> Result<(), ConfigError
     dlq_keys(old, new, &mut keys);
     audit_keys(old, new, &mut keys);
     replayable_keys(old, new, &mut keys);
+    // The connection caps size the listeners' semaphores, built once at start.
+    if old.server.max_connections != new.server.max_connections {
+        keys.push("server.max_connections".into());
+    }
+    if old.server.admin_max_connections != new.server.admin_max_connections {
+        keys.push("server.admin_max_connections".into());
+    }
     if keys.is_empty() {
         return Ok(());
     }
@@ -302,5 +309,19 @@ mod restart_only_tests {
         assert_eq!(e.errors[0].path, "dlq.spool_dir");
         let e = refuse_restart_only(&config("a", true), &config("a", false)).unwrap_err();
         assert_eq!(e.errors[0].path, "routes.r.replayable");
+    }
+
+    #[test]
+    fn a_changed_connection_cap_is_refused_by_name() {
+        let old = config("a", true);
+        let mut new = config("a", true);
+        new.server.max_connections += 1;
+        new.server.admin_max_connections += 1;
+        let e = refuse_restart_only(&old, &new).unwrap_err();
+        let paths: Vec<&str> = e.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["server.max_connections", "server.admin_max_connections"]
+        );
     }
 }

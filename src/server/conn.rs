@@ -120,6 +120,12 @@ pub(crate) async fn serve_connection<I, F, Fut>(
                 tracing::debug!(%remote, "no request head within header_read_timeout; closing");
                 return;
             }
+            Next::Idle(at) if at <= now && !activity.is_h2() => {
+                // HTTP/1 with no request open: nothing to finish, and hyper's graceful
+                // shutdown of an idle keep-alive connection lingers for seconds.
+                tracing::debug!(%remote, "idle for idle_timeout; closing");
+                return;
+            }
             Next::Idle(at) if at <= now => {
                 if closing.is_none() {
                     tracing::debug!(%remote, "idle for idle_timeout; closing");
@@ -204,6 +210,10 @@ impl Activity {
             s.reading_head = true;
             s.since = Instant::now();
         }
+    }
+
+    fn is_h2(&self) -> bool {
+        self.state().h2
     }
 
     fn next(&self, t: Timeouts) -> Next {
