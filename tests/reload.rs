@@ -28,13 +28,11 @@ fn rewrite(p: &TestProxy, text: &str) {
     std::fs::write(&p.config_path, text).unwrap();
 }
 
-#[tokio::test]
-async fn a_changed_spool_dir_is_refused_by_key_and_a_timeout_change_still_reloads() {
-    let base = tempfile::tempdir().unwrap();
-    let p = TestProxy::start(&config(2000, true, &dlq(base.path(), "a"))).await;
-    let gen0 = generation(&p).await;
-
-    rewrite(&p, &config(2000, true, &dlq(base.path(), "b")));
+/// Installs `text` by `POST /admin/reload` and checks it is refused with an error on `key`
+/// that says a restart is needed, while the old generation keeps serving.
+async fn assert_reload_refused(p: &TestProxy, text: &str, key: &str) {
+    let gen0 = generation(p).await;
+    rewrite(p, text);
     let r = p.admin_post("/admin/reload", "", None).await;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     let errors = r.json()["error"]["errors"].clone();
@@ -43,11 +41,20 @@ async fn a_changed_spool_dir_is_refused_by_key_and_a_timeout_change_still_reload
             .as_array()
             .unwrap()
             .iter()
-            .any(|e| e["path"] == "dlq.spool_dir"
-                && e["message"].as_str().unwrap().contains("restart")),
+            .any(|e| e["path"] == key && e["message"].as_str().unwrap().contains("restart")),
         "{errors}"
     );
-    assert_eq!(generation(&p).await, gen0, "the old config keeps serving");
+    assert_eq!(generation(p).await, gen0, "the old config keeps serving");
+}
+
+#[tokio::test]
+async fn a_changed_spool_dir_is_refused_by_key_and_a_timeout_change_still_reloads() {
+    let base = tempfile::tempdir().unwrap();
+    let p = TestProxy::start(&config(2000, true, &dlq(base.path(), "a"))).await;
+    let gen0 = generation(&p).await;
+
+    let refused = config(2000, true, &dlq(base.path(), "b"));
+    assert_reload_refused(&p, &refused, "dlq.spool_dir").await;
 
     rewrite(&p, &config(3000, true, &dlq(base.path(), "a")));
     let r = p.admin_post("/admin/reload", "", None).await;
@@ -61,21 +68,8 @@ async fn a_changed_spool_dir_is_refused_by_key_and_a_timeout_change_still_reload
 #[tokio::test]
 async fn a_route_made_replayable_without_a_dlq_section_is_refused_by_route_key() {
     let p = TestProxy::start(&config(2000, false, "")).await;
-    let gen0 = generation(&p).await;
-
-    rewrite(&p, &config(2000, true, ""));
-    let r = p.admin_post("/admin/reload", "", None).await;
-    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
-    let errors = r.json()["error"]["errors"].clone();
-    assert!(
-        errors
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["path"] == "routes.ai.replayable"),
-        "{errors}"
-    );
-    assert_eq!(generation(&p).await, gen0, "the old config keeps serving");
+    let refused = config(2000, true, "");
+    assert_reload_refused(&p, &refused, "routes.ai.replayable").await;
     p.stop().await;
 }
 
@@ -96,19 +90,7 @@ async fn a_changed_audit_rotation_is_refused_by_key() {
         )
     };
     let p = TestProxy::start(&config(2000, false, &audit(1_000_000))).await;
-    let gen0 = generation(&p).await;
-    rewrite(&p, &config(2000, false, &audit(2_000_000)));
-    let r = p.admin_post("/admin/reload", "", None).await;
-    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
-    let errors = r.json()["error"]["errors"].clone();
-    assert!(
-        errors
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["path"] == "audit.rotate_bytes"),
-        "{errors}"
-    );
-    assert_eq!(generation(&p).await, gen0, "the old config keeps serving");
+    let refused = config(2000, false, &audit(2_000_000));
+    assert_reload_refused(&p, &refused, "audit.rotate_bytes").await;
     p.stop().await;
 }
