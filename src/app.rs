@@ -68,11 +68,13 @@ pub async fn run(
     let hash = config.hash.clone();
     let watch = config.server.watch_config;
     let shared = Shared::default();
-    let audit = start_audit(&config, &shared)?;
+    // Which RabbitMQ node each connection is on, for the admin API.
+    let connections = crate::amqp::Connections::default();
+    let audit = start_audit(&config, &shared, &connections)?;
     // The DLQ needs the proxy (to replay) and the proxy's stacks need the DLQ: the sink is
     // attached before the first snapshot, the replay target holds the proxy weakly.
     let replay_target = Arc::new(LateReplay::default());
-    let dlq = start_dlq(&config, &shared, replay_target.clone())?;
+    let dlq = start_dlq(&config, &shared, replay_target.clone(), &connections)?;
     let proxy = build_proxy(config, shared, &replay_target)?;
     let reloader = Reloader::new(config_path, hash, 1, installer(proxy.clone()));
     // Background tasks stop on `background`, after the data plane has drained.
@@ -86,6 +88,7 @@ pub async fn run(
         listeners_ready: false.into(),
         audit: audit.as_ref().map(|a| a.handle.clone()),
         dlq: dlq.as_ref().map(|d| d.handle.clone()),
+        amqp: connections,
     });
     let data = serve(listeners, &admin_state, &tracker, &background, &shutdown);
     shutdown.cancelled().await;
@@ -112,16 +115,25 @@ struct Audit {
 }
 
 /// Starts the decision log when the config has an `[audit]` section.
-fn start_audit(config: &Config, shared: &Shared) -> Result<Option<Audit>, AppError> {
+fn start_audit(
+    config: &Config,
+    shared: &Shared,
+    connections: &crate::amqp::Connections,
+) -> Result<Option<Audit>, AppError> {
     let Some(a) = &config.audit else {
         return Ok(None);
     };
     let publish_stop = CancellationToken::new();
     let instance = config.server.instance.clone();
-    let publish = a
-        .publish
-        .clone()
-        .map(|p| AuditPublisher::start(p, instance.clone(), publish_stop.clone()).0);
+    let publish = a.publish.clone().map(|p| {
+        AuditPublisher::start(
+            p,
+            instance.clone(),
+            connections.clone(),
+            publish_stop.clone(),
+        )
+        .0
+    });
     let (handle, _thread) = crate::audit::start(AuditSettings {
         path: a.path.clone(),
         hmac_key: a.hmac_key.clone(),
@@ -163,6 +175,7 @@ fn start_dlq(
     config: &Config,
     shared: &Shared,
     replay_target: Arc<LateReplay>,
+    connections: &crate::amqp::Connections,
 ) -> Result<Option<Dlq>, AppError> {
     let Some(d) = &config.dlq else {
         return Ok(None);
@@ -180,8 +193,12 @@ fn start_dlq(
         .map(|r| r.name.to_string())
         .collect();
     let stop = CancellationToken::new();
-    let (handle, tasks) = crate::dlq::start(dlq_settings(d, routes), replay_target, stop.clone())
-        .map_err(|e| AppError::Start {
+    let (handle, tasks) = crate::dlq::start(
+        dlq_settings(d, routes, connections),
+        replay_target,
+        stop.clone(),
+    )
+    .map_err(|e| AppError::Start {
         what: "the DLQ spool",
         message: e.to_string(),
     })?;
@@ -197,9 +214,14 @@ fn start_dlq(
 }
 
 /// The DLQ's runtime settings from its validated config.
-fn dlq_settings(d: &crate::config::DlqConfig, routes: Vec<String>) -> crate::dlq::DlqSettings {
+fn dlq_settings(
+    d: &crate::config::DlqConfig,
+    routes: Vec<String>,
+    connections: &crate::amqp::Connections,
+) -> crate::dlq::DlqSettings {
     crate::dlq::DlqSettings {
         amqp_url: d.amqp_url.clone(),
+        connections: connections.clone(),
         exchange: d.exchange.clone(),
         results_exchange: d.results_exchange.clone(),
         spool: crate::dlq::spool::SpoolSettings {

@@ -37,6 +37,8 @@ pub const MODEL_VERSION_ERRORS: &str = "breakwater_model_version_errors_total";
 pub const DEGRADED_SECONDS: &str = "breakwater_degraded_seconds";
 pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
+pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
+pub const AMQP_CONNECTED_NODE: &str = "breakwater_amqp_connected_node";
 
 /// Distinct model-version label values kept before the rest are folded into "other".
 const MAX_MODEL_VERSIONS: usize = 64;
@@ -132,6 +134,14 @@ fn describe() {
     describe_counter!(
         AUDIT_DROPPED,
         "Decision records dropped under on_full = \"drop\""
+    );
+    describe_counter!(
+        AMQP_CONNECTIONS,
+        "RabbitMQ connection attempts, one per node tried, by component and result (ok, error)"
+    );
+    describe_gauge!(
+        AMQP_CONNECTED_NODE,
+        "Index in the configured amqp_url list of the node each RabbitMQ connection is on; -1 while not connected"
     );
     describe_counter!(
         AUDIT_PUBLISHED,

@@ -29,6 +29,8 @@ pub struct AdminState {
     /// Readiness turns off while the decision log cannot write.
     pub audit: Option<crate::audit::AuditHandle>,
     pub dlq: Option<crate::dlq::DlqHandle>,
+    /// Which RabbitMQ node each connection is on.
+    pub amqp: crate::amqp::Connections,
 }
 
 /// Serves the admin API until `shutdown`, with its own connection cap
@@ -164,6 +166,8 @@ async fn handle(state: &AdminState, req: http::Request<Incoming>) -> http::Respo
                     "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
                     "path": state.reloader.path().display().to_string(),
                     "config": snap.config.masked_json(),
+                    // Which node of `amqp_url` / `publish_url` each connection is on.
+                    "amqp_connections": state.amqp.snapshot(),
                 }),
             )
         }

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{reconnect_delay, AmqpError};
+use crate::amqp::{reconnect_delay, AmqpError, Connector};
 use crate::config::AuditPublishConfig;
 use crate::telemetry;
 
@@ -38,10 +38,17 @@ impl AuditPublisher {
     pub fn start(
         config: AuditPublishConfig,
         instance: String,
+        connections: crate::amqp::Connections,
         stop: CancellationToken,
     ) -> (AuditPublisher, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.buffer.max(1));
-        let task = tokio::spawn(run(config, instance, rx, stop));
+        let connector = Connector::new(
+            config.url.clone(),
+            "audit_publisher",
+            format!("breakwater-audit-{instance}"),
+            connections,
+        );
+        let task = tokio::spawn(run(config, instance, connector, rx, stop));
         (AuditPublisher { tx }, task)
     }
 
@@ -56,6 +63,7 @@ impl AuditPublisher {
 async fn run(
     config: AuditPublishConfig,
     instance: String,
+    mut connector: Connector,
     mut rx: mpsc::Receiver<Bytes>,
     stop: CancellationToken,
 ) {
@@ -63,9 +71,10 @@ async fn run(
     let mut pending: VecDeque<Bytes> = VecDeque::new();
     let mut attempt = 0;
     loop {
+        let exchanges = [config.exchange.as_str()];
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
-            c = connect(&config, &instance) => c,
+            c = connector.connect(&exchanges) => c,
         };
         let (conn, channel) = match connected {
             Ok(c) => c,
@@ -113,15 +122,8 @@ async fn run(
             conn.close(200, "reconnecting".into()),
         )
         .await;
+        connector.lost();
     }
-}
-
-async fn connect(
-    config: &AuditPublishConfig,
-    instance: &str,
-) -> Result<(Connection, Channel), AmqpError> {
-    let name = format!("breakwater-audit-{instance}");
-    crate::amqp::connect(&config.url, &name, &[config.exchange.as_str()]).await
 }
 
 /// Publishes the lines in order, then waits (bounded) for every confirm.

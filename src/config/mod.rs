@@ -225,7 +225,7 @@ pub struct AuditConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditPublishConfig {
-    pub url: String,
+    pub url: crate::amqp::Endpoints,
     pub exchange: String,
     /// Lines waiting for the broker; beyond it they are counted and dropped (the file
     /// keeps them).
@@ -234,7 +234,8 @@ pub struct AuditPublishConfig {
 
 #[derive(Debug, Clone)]
 pub struct DlqConfig {
-    pub amqp_url: Option<String>,
+    /// The RabbitMQ nodes, tried in order; `None`: spool only.
+    pub amqp_url: Option<crate::amqp::Endpoints>,
     pub exchange: String,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
@@ -291,10 +292,16 @@ impl Config {
             }
         }
         for pointer in ["/dlq/amqp_url", "/audit/publish_url"] {
-            if let Some(url) = value.pointer_mut(pointer) {
-                if let Some(s) = url.as_str() {
-                    *url = serde_json::Value::String(mask_url_password(s));
+            match value.pointer_mut(pointer) {
+                Some(serde_json::Value::String(s)) => *s = mask_url_password(s),
+                Some(serde_json::Value::Array(urls)) => {
+                    for url in urls {
+                        if let serde_json::Value::String(s) = url {
+                            *s = mask_url_password(s);
+                        }
+                    }
                 }
+                _ => {}
             }
         }
         value

@@ -225,7 +225,7 @@ pub struct RawAudit {
     pub channel_capacity: Option<usize>,
     pub fsync_interval_ms: Option<u64>,
     pub fsync_max_records: Option<usize>,
-    pub publish_url: Option<String>,
+    pub publish_url: Option<UrlList>,
     pub publish_exchange: Option<String>,
     pub publish_buffer: Option<usize>,
 }
@@ -233,7 +233,7 @@ pub struct RawAudit {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDlq {
-    pub amqp_url: Option<String>,
+    pub amqp_url: Option<UrlList>,
     pub exchange: Option<String>,
     pub spool_dir: Option<String>,
     pub spool_max_bytes: Option<u64>,
@@ -246,4 +246,13 @@ pub struct RawDlq {
     pub confirm_timeout_ms: Option<u64>,
     pub queued_wait_ms: Option<u64>,
     pub results_exchange: Option<String>,
+}
+
+/// `amqp_url` / `publish_url`: one node, or the nodes of a cluster (tried in order, the
+/// next one on loss).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged, expecting = "a URL or a list of URLs")]
+pub enum UrlList {
+    One(String),
+    Many(Vec<String>),
 }

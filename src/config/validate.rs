@@ -911,19 +911,21 @@ fn validate_audit(e: &mut Errors, a: &RawAudit) -> Option<AuditConfig> {
 }
 
 fn validate_audit_publish(e: &mut Errors, a: &RawAudit) -> Option<AuditPublishConfig> {
-    let url = a.publish_url.clone().filter(|u| !u.is_empty());
-    if url.is_none() && (a.publish_exchange.is_some() || a.publish_buffer.is_some()) {
+    let url = a
+        .publish_url
+        .as_ref()
+        .and_then(|u| amqp_endpoints(e, "audit.publish_url", u, ""));
+    let configured = a
+        .publish_url
+        .as_ref()
+        .is_some_and(|u| *u != UrlList::One(String::new()));
+    if !configured && (a.publish_exchange.is_some() || a.publish_buffer.is_some()) {
         e.add(
             "audit.publish_url",
             "publish_exchange and publish_buffer need publish_url",
         );
     }
     let url = url?;
-    e.check(
-        url.starts_with("amqp://") || url.starts_with("amqps://"),
-        "audit.publish_url",
-        "must start with amqp:// or amqps://",
-    );
     let exchange = a
         .publish_exchange
         .clone()
@@ -962,19 +964,69 @@ pub(crate) fn parse_hmac_key(file: &[u8]) -> Result<(Vec<u8>, String), String> {
     Ok((key, id))
 }
 
-fn validate_dlq(e: &mut Errors, d: &RawDlq) -> DlqConfig {
-    let amqp_url = d
-        .amqp_url
-        .clone()
-        .or_else(|| std::env::var("BREAKWATER_AMQP_URL").ok())
-        .filter(|u| !u.is_empty());
-    if let Some(url) = &amqp_url {
-        e.check(
-            url.starts_with("amqp://") || url.starts_with("amqps://"),
-            "dlq.amqp_url",
-            "must start with amqp:// or amqps://",
+/// One URL or a list of them, each checked with its index in the key path
+/// (`dlq.amqp_url[1]`). An empty string is "not configured"; an empty list is an error.
+fn amqp_endpoints(
+    e: &mut Errors,
+    key: &str,
+    urls: &UrlList,
+    origin: &str,
+) -> Option<crate::amqp::Endpoints> {
+    let (list, indexed): (Vec<String>, bool) = match urls {
+        UrlList::One(u) if u.is_empty() => return None,
+        UrlList::One(u) => (vec![u.clone()], false),
+        UrlList::Many(v) => (v.clone(), true),
+    };
+    if !e.check(
+        !list.is_empty(),
+        key,
+        format!("must name at least one node{origin}"),
+    ) {
+        return None;
+    }
+    let mut ok = true;
+    let mut seen = HashSet::new();
+    for (i, url) in list.iter().enumerate() {
+        let path = if indexed {
+            format!("{key}[{i}]")
+        } else {
+            key.to_string()
+        };
+        let scheme = url.starts_with("amqp://") || url.starts_with("amqps://");
+        ok &= e.check(
+            scheme,
+            path.clone(),
+            format!("must start with amqp:// or amqps://{origin}"),
+        );
+        ok &= e.check(
+            !scheme || seen.insert(url.as_str()),
+            path,
+            format!("names the same node twice{origin}"),
         );
     }
+    if ok {
+        crate::amqp::Endpoints::new(list)
+    } else {
+        None
+    }
+}
+
+fn validate_dlq(e: &mut Errors, d: &RawDlq) -> DlqConfig {
+    let amqp_url = match &d.amqp_url {
+        Some(urls) => amqp_endpoints(e, "dlq.amqp_url", urls, ""),
+        // A comma-separated list in the environment names the nodes of a cluster.
+        None => std::env::var("BREAKWATER_AMQP_URL")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .and_then(|v| {
+                let urls: Vec<String> = v.split(',').map(|u| u.trim().to_string()).collect();
+                let list = match urls.len() {
+                    1 => UrlList::One(urls.into_iter().next().unwrap_or_default()),
+                    _ => UrlList::Many(urls),
+                };
+                amqp_endpoints(e, "dlq.amqp_url", &list, " (from $BREAKWATER_AMQP_URL)")
+            }),
+    };
     let spool_max_bytes = d.spool_max_bytes.unwrap_or(1024 * MIB);
     e.check(
         spool_max_bytes >= MIB,

@@ -36,7 +36,10 @@ use crate::telemetry;
 
 #[derive(Debug, Clone)]
 pub struct DlqSettings {
-    pub amqp_url: Option<String>,
+    /// The RabbitMQ nodes; `None`: spool only.
+    pub amqp_url: Option<crate::amqp::Endpoints>,
+    /// Where each connection reports the node it is on (admin API).
+    pub connections: crate::amqp::Connections,
     pub exchange: String,
     pub results_exchange: String,
     pub spool: SpoolSettings,
@@ -109,7 +112,13 @@ struct Inner {
     pacers: Mutex<HashMap<String, Pacer>>,
     parked: parked::ParkedStore,
     /// The connection `GET /admin/dlq` reads queue depths on, kept between calls.
-    admin_link: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
+    admin_link: tokio::sync::Mutex<AdminLink>,
+}
+
+/// The admin connection and the connector that (re)opens it.
+struct AdminLink {
+    connector: Option<crate::amqp::Connector>,
+    open: Option<(lapin::Connection, lapin::Channel)>,
 }
 
 /// The request side and the admin side of the DLQ. Cheap to clone.
@@ -217,14 +226,21 @@ impl DlqHandle {
     /// Queue and parked depths by passive declares on the admin connection, which is
     /// opened once and kept (only its channel is reopened: a passive declare of a missing
     /// queue closes it). Unknown depths are `None`.
-    async fn queue_depths(&self, url: &str) -> HashMap<String, (Option<u32>, Option<u32>)> {
-        let mut slot = self.inner.admin_link.lock().await;
+    async fn queue_depths(&self) -> HashMap<String, (Option<u32>, Option<u32>)> {
+        let mut guard = self.inner.admin_link.lock().await;
+        let link = &mut *guard;
         let mut out = HashMap::new();
-        if slot.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
-            let opened = crate::amqp::connect(url, "breakwater-dlq-admin", &[]).await;
-            *slot = opened.ok();
+        let Some(connector) = link.connector.as_mut() else {
+            return out;
+        };
+        if link
+            .open
+            .as_ref()
+            .is_none_or(|(c, _)| !c.status().connected())
+        {
+            link.open = connector.connect(&[]).await.ok();
         }
-        let Some((conn, ch)) = slot.as_mut() else {
+        let Some((conn, ch)) = link.open.as_mut() else {
             return out;
         };
         let passive = QueueDeclareOptions {
@@ -259,12 +275,13 @@ impl DlqHandle {
         let state = &self.inner.writer.state;
         let oldest = state.oldest_ms.load(Ordering::Relaxed);
         let mut depths: HashMap<String, (Option<u32>, Option<u32>)> = HashMap::new();
-        if let Some(url) = &self.inner.settings.amqp_url {
-            let probe = self.queue_depths(url);
+        if self.inner.settings.amqp_url.is_some() {
+            let probe = self.queue_depths();
             if let Ok(d) = tokio::time::timeout(Duration::from_secs(2), probe).await {
                 depths = d;
             }
         }
+        let connections = &self.inner.settings.connections;
         let uptime = self.inner.started.elapsed().as_secs_f64().max(1.0);
         let routes: serde_json::Map<String, serde_json::Value> = self
             .inner
@@ -286,6 +303,7 @@ impl DlqHandle {
                         "parked": c.parked.load(Ordering::Relaxed),
                         "replay_rate_per_s_avg": c.replayed.load(Ordering::Relaxed) as f64 / uptime,
                         "replay_rate_limit_per_s": self.inner.settings.replay_rate_per_s,
+                        "replay_connection": connections.get(&replay_connection_name(r)),
                     }),
                 )
             })
@@ -295,6 +313,9 @@ impl DlqHandle {
                 "configured": self.inner.settings.amqp_url.is_some(),
                 "connected": self.inner.publisher_connected.load(Ordering::Relaxed),
                 "blocked": self.inner.publisher_blocked.load(Ordering::Relaxed),
+                "nodes": self.inner.settings.amqp_url.as_ref().map(|e| (0..e.urls().len()).map(|i| e.masked(i)).collect::<Vec<_>>()),
+                "publisher": connections.get(PUBLISHER_CONNECTION),
+                "admin": connections.get(ADMIN_CONNECTION),
             },
             "spool": {
                 "dir": state.dir.display().to_string(),
@@ -306,6 +327,15 @@ impl DlqHandle {
             "routes": routes,
         })
     }
+}
+
+/// Connection names (as `rabbitmqctl list_connections` shows them, and keys of
+/// `amqp::Connections`).
+const PUBLISHER_CONNECTION: &str = "breakwater-dlq-publisher";
+const ADMIN_CONNECTION: &str = "breakwater-dlq-admin";
+
+fn replay_connection_name(route: &str) -> String {
+    format!("breakwater-replay-{route}")
 }
 
 /// Opens the spool and starts the drainer and the replay workers.
@@ -331,7 +361,17 @@ pub fn start(
         started: std::time::Instant::now(),
         pacers: Mutex::new(HashMap::new()),
         parked: parked::ParkedStore::new(&settings.spool.dir),
-        admin_link: tokio::sync::Mutex::new(None),
+        admin_link: tokio::sync::Mutex::new(AdminLink {
+            connector: settings.amqp_url.clone().map(|e| {
+                crate::amqp::Connector::new(
+                    e,
+                    "dlq_admin",
+                    ADMIN_CONNECTION,
+                    settings.connections.clone(),
+                )
+            }),
+            open: None,
+        }),
         settings,
     });
     let handle = DlqHandle {
@@ -372,6 +412,15 @@ async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: Cance
     let inner = handle.inner.clone();
     let mut reader = SpoolReader::new(inner.writer.state.clone());
     let mut link: Option<Link> = None;
+    let Some(endpoints) = inner.settings.amqp_url.clone() else {
+        return;
+    };
+    let mut connector = crate::amqp::Connector::new(
+        endpoints,
+        "dlq_publisher",
+        PUBLISHER_CONNECTION,
+        inner.settings.connections.clone(),
+    );
     let mut attempt = 0u32;
     loop {
         if shutdown.is_cancelled() {
@@ -418,21 +467,15 @@ async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: Cance
         }
         let mut next = 0;
         while next < items.len() {
-            let done = match &inner.settings.amqp_url {
-                Some(url) => {
-                    publish_batch(
-                        &inner,
-                        url,
-                        &mut link,
-                        &mut attempt,
-                        &items[next..],
-                        &mut reader,
-                    )
-                    .await
-                }
-                // Spool-only mode never gets here (see `lanes`).
-                None => items.len() - next,
-            };
+            let done = publish_batch(
+                &inner,
+                &mut connector,
+                &mut link,
+                &mut attempt,
+                &items[next..],
+                &mut reader,
+            )
+            .await;
             next += done;
             if next < items.len()
                 && sleep_or_stop(rabbit::reconnect_delay(attempt), &shutdown).await
@@ -447,7 +490,7 @@ async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: Cance
 /// advances the cursor over the confirmed prefix. Returns how many records are done.
 async fn publish_batch(
     inner: &Inner,
-    url: &str,
+    connector: &mut crate::amqp::Connector,
     link: &mut Option<Link>,
     attempt: &mut u32,
     items: &[(spool::Position, Option<(Envelope, Bytes)>)],
@@ -455,9 +498,11 @@ async fn publish_batch(
 ) -> usize {
     if link.as_ref().is_none_or(|l| !l.healthy()) {
         inner.publisher_connected.store(false, Ordering::Relaxed);
-        match Link::connect(url, &inner.settings.topology(), "breakwater-dlq-publisher").await {
+        connector.lost();
+        match Link::connect(connector, &inner.settings.topology()).await {
             Ok(l) => {
-                tracing::info!("DLQ publisher connected to RabbitMQ");
+                let node = connector.current().unwrap_or(0);
+                tracing::info!(node, url = %connector.endpoints().masked(node), "DLQ publisher connected to RabbitMQ");
                 *link = Some(l);
                 *attempt = 0;
             }
@@ -581,9 +626,15 @@ async fn replay_worker(
     target: Arc<dyn ReplayTarget>,
     shutdown: CancellationToken,
 ) {
-    let Some(url) = handle.inner.settings.amqp_url.clone() else {
+    let Some(endpoints) = handle.inner.settings.amqp_url.clone() else {
         return;
     };
+    let mut connector = crate::amqp::Connector::new(
+        endpoints,
+        "dlq_replay",
+        replay_connection_name(&route),
+        handle.inner.settings.connections.clone(),
+    );
     let worker = Worker {
         inner: handle.inner.clone(),
         counters: handle.counters(&route),
@@ -597,7 +648,7 @@ async fn replay_worker(
         if worker.wait_until_wanted().await {
             return;
         }
-        let (link, mut consumer) = match worker.open_consumer(&url).await {
+        let (link, mut consumer) = match worker.open_consumer(&mut connector).await {
             Ok(c) => c,
             Err(e) => {
                 attempt += 1;
@@ -611,7 +662,7 @@ async fn replay_worker(
         attempt = 0;
         match worker.consume(&link, &mut consumer, &mut pacer).await {
             Step::Stop => return,
-            Step::Reconnect => {}
+            Step::Reconnect => connector.lost(),
         }
     }
 }
@@ -648,9 +699,12 @@ impl Worker {
         false
     }
 
-    async fn open_consumer(&self, url: &str) -> Result<(Link, lapin::Consumer), RabbitError> {
-        let name = format!("breakwater-replay-{}", self.route);
-        let mut link = Link::connect(url, &self.inner.settings.topology(), &name).await?;
+    async fn open_consumer(
+        &self,
+        connector: &mut crate::amqp::Connector,
+    ) -> Result<(Link, lapin::Consumer), RabbitError> {
+        let name = connector.name().to_string();
+        let mut link = Link::connect(connector, &self.inner.settings.topology()).await?;
         link.declare_route(&self.route).await?;
         link.channel
             .basic_qos(self.inner.settings.prefetch, BasicQosOptions::default())

@@ -54,12 +54,17 @@ pub struct Link {
 }
 
 impl Link {
-    pub async fn connect(url: &str, topology: &Topology, name: &str) -> Result<Link, RabbitError> {
+    /// Connects to a reachable node (failing over, see `amqp::Connector`); the route
+    /// queues are declared again on first use, so a new node gets the whole topology.
+    pub async fn connect(
+        connector: &mut crate::amqp::Connector,
+        topology: &Topology,
+    ) -> Result<Link, RabbitError> {
         let exchanges = [
             topology.exchange.as_str(),
             topology.results_exchange.as_str(),
         ];
-        let (conn, channel) = crate::amqp::connect(url, name, &exchanges).await?;
+        let (conn, channel) = connector.connect(&exchanges).await?;
         Ok(Link {
             conn,
             channel,
@@ -99,10 +104,11 @@ impl Link {
         {
             Ok(_) => {}
             Err(e) if precondition_failed(&e) => {
-                // Declared by an older breakwater without the delivery limit: the broker
+                // Declared by an older breakwater (without the delivery limit or the
+                // single active consumer) or with another dlq.delivery_limit: the broker
                 // keeps the old arguments and closed this channel. Keep working with the
                 // queue as it is and say what to do (see README, "Upgrading the DLQ queues").
-                tracing::error!(queue, "the DLQ queue exists with other arguments: no x-delivery-limit / dead-lettering to the parked queue; apply a policy or recreate the queue (README: Upgrading the DLQ queues)");
+                tracing::error!(queue, "the DLQ queue exists with other arguments (an older breakwater: no x-single-active-consumer, so every sidecar replays at replay_rate_per_s on its own, and maybe no x-delivery-limit / dead-lettering to the parked queue; or another dlq.delivery_limit): recreate the queue (README: Upgrading the DLQ queues)");
                 self.channel = self.conn.create_channel().await?;
                 self.channel
                     .confirm_select(lapin::options::ConfirmSelectOptions::default())
@@ -199,8 +205,8 @@ impl Link {
         &self.topology.results_exchange
     }
 
-    /// Quorum, with an explicit delivery limit, dead-lettering (at least once) to the
-    /// route's parked queue through the default exchange.
+    /// Quorum, single active consumer, with an explicit delivery limit, dead-lettering (at
+    /// least once) to the route's parked queue through the default exchange.
     fn route_queue_args(&self, route: &str) -> FieldTable {
         let mut args = quorum();
         let limit = i64::from(self.topology.delivery_limit);
@@ -222,6 +228,10 @@ impl Link {
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
+        // One consumer at a time across the fleet: the route's replay pace holds for all
+        // sidecars together; when the active consumer goes, the broker hands the queue (and
+        // its unacked messages) to the next one. A queue argument only: no policy sets it.
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         args
     }
 }

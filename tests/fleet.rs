@@ -1,0 +1,324 @@
+//! A fleet of sidecars on a RabbitMQ cluster: `amqp_url` as a list with failover to the
+//! next node, replay paced for the whole fleet (single active consumer), and central
+//! collection of the decision log copies. Against the real broker on 127.0.0.1:5672; a
+//! "node" that dies is a TCP forwarder to it that the test kills (the shared broker itself
+//! is never touched; the three-node cluster kit is in loadtests/).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::rabbit::{self, available};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const STATIC_FB: &str =
+    "[[routes.fallback]]\nkind = \"static\"\nstatus = 202\nbody = '{\"status\":\"queued\"}'\n";
+
+/// A RabbitMQ "node" for the tests: a TCP forwarder to the local broker on its own port.
+/// `kill` closes every connection through it and stops listening, as a dead node does
+/// (connections reset, new ones refused).
+struct ForwardNode {
+    port: u16,
+    stop: CancellationToken,
+}
+
+impl ForwardNode {
+    async fn start() -> ForwardNode {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                    _ = token.cancelled() => return,
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        // Both sockets are dropped: the client sees its connection go.
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        ForwardNode { port, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn kill(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for ForwardNode {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn route_config(ai: &MockAi, route: &str, dir: &std::path::Path, dlq: &str) -> String {
+    let route_extra = format!("replayable = true\n[routes.breaker]\nconsecutive_failures = 1\nopen_ms = 600000\nopen_max_ms = 600000\n{STATIC_FB}");
+    let dlq = format!(
+        "[dlq]\nspool_dir = \"{}\"\nresults_exchange = \"test.results.{route}\"\n{dlq}\n",
+        dir.join("spool").display()
+    );
+    simple_config(&ai.url(), &route_extra, &dlq)
+        .replace("name = \"ai\"", &format!("name = \"{route}\""))
+}
+
+async fn post(proxy: &TestProxy, body: &str) -> Reply {
+    let req = http::Request::post(proxy.url("/v1/grading"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    proxy.send(req).await
+}
+
+async fn poll_until<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn dlq_status(proxy: &TestProxy) -> serde_json::Value {
+    proxy.admin_get("/admin/dlq").await.unwrap().json()
+}
+
+#[tokio::test]
+async fn dlq_publisher_and_replay_fail_over_to_the_next_node_and_lose_nothing() {
+    if !available().await {
+        return;
+    }
+    let node0 = ForwardNode::start().await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("fleet_failover");
+    let (conn, ch) = rabbit::channel().await;
+    let results = rabbit::results_queue(&ch, &format!("test.results.{route}"), &route).await;
+    let dlq = format!(
+        "amqp_url = [\"{}\", \"{}\"]\nreplay_rate_per_s = 200\n",
+        node0.url(),
+        rabbit::URL
+    );
+    let proxy = TestProxy::start(&route_config(&ai, &route, dir.path(), &dlq)).await;
+    let queue = format!("breakwater.dlq.{route}");
+    for i in 0..5 {
+        let r = post(&proxy, &format!("{{\"essay\":{i}}}")).await;
+        assert!(
+            matches!(r.header("x-breakwater-dlq"), Some("queued" | "spooled")),
+            "{:?}",
+            r.headers
+        );
+    }
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 5, Duration::from_secs(20)).await,
+        5
+    );
+    let st = dlq_status(&proxy).await;
+    assert_eq!(st["broker"]["publisher"]["node"], 0, "{st}");
+    assert_eq!(st["broker"]["nodes"].as_array().unwrap().len(), 2, "{st}");
+
+    // Node 0 dies mid-stream: requests are still answered (the spool takes them), the
+    // publisher moves to node 1 and every message reaches the queue.
+    node0.kill();
+    for i in 5..10 {
+        let r = post(&proxy, &format!("{{\"essay\":{i}}}")).await;
+        assert!(
+            matches!(r.header("x-breakwater-dlq"), Some("queued" | "spooled")),
+            "{:?}",
+            r.headers
+        );
+    }
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 10, Duration::from_secs(60)).await,
+        10
+    );
+    assert!(
+        poll_until(Duration::from_secs(30), || async {
+            dlq_status(&proxy).await["broker"]["publisher"]["node"] == 1
+        })
+        .await,
+        "{}",
+        dlq_status(&proxy).await
+    );
+    let cfg = proxy.admin_config().await;
+    let shown = &cfg["amqp_connections"]["breakwater-dlq-publisher"];
+    assert_eq!(shown["node"], 1, "{cfg}");
+    assert_eq!(shown["url"], "amqp://guest:***@127.0.0.1:5672/%2f", "{cfg}");
+    let listed = cfg["config"]["dlq"]["amqp_url"].as_array().unwrap().clone();
+    assert!(
+        listed.iter().all(|u| u.as_str().unwrap().contains(":***@")),
+        "{listed:?}"
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics
+            .contains("breakwater_amqp_connected_node{connection=\"breakwater-dlq-publisher\"} 1"),
+        "{metrics}"
+    );
+
+    // The replay consumer moves off node 0 (dead) and replays everything.
+    ai.outage(false).await;
+    let r = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/breaker"),
+            r#"{"state":"auto"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        rabbit::wait_depth(&conn, &results, 10, Duration::from_secs(60)).await,
+        10
+    );
+    assert_eq!(ai.count_by_header("idempotency-key").len(), 10);
+    let st = dlq_status(&proxy).await;
+    assert_eq!(
+        st["routes"][route.as_str()]["replay_connection"]["node"],
+        1,
+        "{st}"
+    );
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+    drop(conn);
+}
+
+#[tokio::test]
+async fn a_dead_first_node_is_skipped_and_counted() {
+    if !available().await {
+        return;
+    }
+    let dead = ForwardNode::start().await;
+    dead.kill();
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("fleet_dead_first");
+    let dlq = format!("amqp_url = [\"{}\", \"{}\"]\n", dead.url(), rabbit::URL);
+    let proxy = TestProxy::start(&route_config(&ai, &route, dir.path(), &dlq)).await;
+    let r = post(&proxy, "{}").await;
+    assert!(
+        matches!(r.header("x-breakwater-dlq"), Some("queued" | "spooled")),
+        "{:?}",
+        r.headers
+    );
+    let (conn, ch) = rabbit::channel().await;
+    assert_eq!(
+        rabbit::wait_depth(
+            &conn,
+            &format!("breakwater.dlq.{route}"),
+            1,
+            Duration::from_secs(30)
+        )
+        .await,
+        1
+    );
+    assert_eq!(dlq_status(&proxy).await["broker"]["publisher"]["node"], 1);
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains(
+            "breakwater_amqp_connections_total{component=\"dlq_publisher\",result=\"error\"}"
+        ),
+        "{metrics}"
+    );
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[test]
+fn every_node_of_amqp_url_is_checked_with_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("b.toml");
+    let text = format!(
+        "{}\n[upstreams.ai]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"ai\"\nreplayable = true\n[dlq]\nspool_dir = \"{}\"\namqp_url = [\"amqp://a:5672/\", \"http://b:5672/\", \"amqp://a:5672/\"]\n[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\npublish_url = []\n",
+        server_section(),
+        dir.path().join("spool").display(),
+        dir.path().join("audit/d.jsonl").display(),
+        dir.path().join("k").display(),
+    );
+    std::fs::write(
+        dir.path().join("k"),
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(breakwater_bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("dlq.amqp_url[1]: must start with amqp:// or amqps://"),
+        "{err}"
+    );
+    assert!(
+        err.contains("dlq.amqp_url[2]: names the same node twice"),
+        "{err}"
+    );
+    assert!(
+        err.contains("audit.publish_url: must name at least one node"),
+        "{err}"
+    );
+
+    // A comma-separated $BREAKWATER_AMQP_URL is a list too, checked the same way.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "amqp_url = [\"amqp://a:5672/\", \"http://b:5672/\", \"amqp://a:5672/\"]\n",
+            "",
+        )
+        .replace("publish_url = []\n", "");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(breakwater_bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("BREAKWATER_AMQP_URL", "amqp://a:5672/, ftp://b/")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "dlq.amqp_url[1]: must start with amqp:// or amqps:// (from $BREAKWATER_AMQP_URL)"
+        ),
+        "{err}"
+    );
+    let out = Command::new(breakwater_bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("BREAKWATER_AMQP_URL", "amqp://a:5672/,amqp://b:5672/")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
