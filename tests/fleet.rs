@@ -322,3 +322,166 @@ fn every_node_of_amqp_url_is_checked_with_its_index() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Kills the child process when the test ends, passed or failed.
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn kill_9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+async fn http(method: http::Method, url: String, body: &str) -> (u16, serde_json::Value) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = http_client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+async fn replayed(admin: u16, route: &str) -> u64 {
+    let (_, st) = http(
+        http::Method::GET,
+        format!("http://127.0.0.1:{admin}/admin/dlq"),
+        "",
+    )
+    .await;
+    st["routes"][route]["replayed"].as_u64().unwrap_or(0)
+}
+
+/// The highest replay rate the AI saw over any window of at least `window` seconds.
+fn max_rate(samples: &[(f64, u64)], window: f64) -> f64 {
+    let mut max = 0.0f64;
+    for (i, (t0, n0)) in samples.iter().enumerate() {
+        if let Some((t1, n1)) = samples[i..].iter().find(|(t, _)| t - t0 >= window) {
+            max = max.max((n1 - n0) as f64 / (t1 - t0));
+        }
+    }
+    max
+}
+
+#[tokio::test]
+async fn two_sidecars_on_one_route_replay_one_at_a_time_within_the_pace_and_take_over() {
+    if !available().await {
+        return;
+    }
+    const RATE: u64 = 20;
+    const PER_SIDECAR: usize = 30;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let route = rabbit::unique_route("fleet_sac");
+    let (conn, ch) = rabbit::channel().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let dlq = format!(
+        "amqp_url = \"{}\"\nreplay_rate_per_s = {RATE}\n",
+        rabbit::URL
+    );
+    let procs: Vec<ProcessProxy> = dirs
+        .iter()
+        .map(|d| ProcessProxy::new(d.path(), &route_config(&ai, &route, d.path(), &dlq)))
+        .collect();
+    let mut children = Vec::new();
+    for p in &procs {
+        children.push(Reaped(Some(p.spawn().await)));
+    }
+    for p in &procs {
+        for i in 0..PER_SIDECAR {
+            let (status, _) = http(
+                http::Method::POST,
+                p.url("/v1/grading"),
+                &format!("{{\"essay\":{i}}}"),
+            )
+            .await;
+            assert_eq!(status, 202);
+        }
+    }
+    let queue = format!("breakwater.dlq.{route}");
+    let total = 2 * PER_SIDECAR;
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, total as u32, Duration::from_secs(30)).await,
+        total as u32
+    );
+
+    // The AI is back; both sidecars' breakers close and both subscribe.
+    ai.outage(false).await;
+    let start = tokio::time::Instant::now();
+    for p in &procs {
+        let (status, _) = http(
+            http::Method::POST,
+            format!("http://127.0.0.1:{}/admin/routes/{route}/breaker", p.admin),
+            r#"{"state":"auto"}"#,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let base = ai.requests();
+    // Until a third of the messages are replayed: only one sidecar replays.
+    let deadline = start + Duration::from_secs(60);
+    let (mut a, mut b) = (0, 0);
+    while a + b < total as u64 / 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replay stalled: {a} + {b}"
+        );
+        samples.push((start.elapsed().as_secs_f64(), ai.requests() - base));
+        a = replayed(procs[0].admin, &route).await;
+        b = replayed(procs[1].admin, &route).await;
+        assert!(
+            a == 0 || b == 0,
+            "both sidecars replay at once: {a} and {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // kill -9 the active one: the other takes over and replays the rest, its unacked
+    // deliveries included.
+    let (active, standby) = if a > 0 { (0, 1) } else { (1, 0) };
+    children[active].kill_9();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ai.idempotency_keys().len() < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every message was replayed: {} of {total}",
+            ai.idempotency_keys().len()
+        );
+        samples.push((start.elapsed().as_secs_f64(), ai.requests() - base));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    samples.push((start.elapsed().as_secs_f64(), ai.requests() - base));
+    assert!(replayed(procs[standby].admin, &route).await > 0);
+    // The AI saw the route's pace, not twice it, across both sidecars (+10%; one request
+    // of slack for the sampling).
+    let seen = max_rate(&samples, 2.0);
+    assert!(
+        seen <= RATE as f64 * 1.1 + 0.5,
+        "the AI saw {seen:.1} replays/s for a pace of {RATE}/s"
+    );
+    assert!(
+        seen >= RATE as f64 * 0.5,
+        "replay too slow to measure: {seen:.1}/s"
+    );
+    eprintln!("fleet replay: max {seen:.1}/s over 2 s windows, pace {RATE}/s");
+    drop(children);
+    rabbit::cleanup(&ch, &route).await;
+}
