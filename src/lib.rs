@@ -28,6 +28,8 @@ pub(crate) mod window;
 /// What the CLI (`main.rs`) and the black-box tests use beyond `app` and `config`; the
 /// rest is `pub(crate)`, so that the compiler reports dead code.
 pub mod cli {
+    pub use crate::amqp::Endpoints;
+    pub use crate::audit::collect::{run as audit_collect, CollectSettings, CollectSummary};
     pub use crate::audit::{find_request, verify_paths};
     pub use crate::dlq::envelope::MAX_SPOOLED_BODY;
     pub use crate::dlq::spool::inspect as spool_inspect;

@@ -69,6 +69,38 @@ enum AuditCommand {
         request_id: String,
         paths: Vec<PathBuf>,
     },
+    /// Collect the decision log copies of a fleet from RabbitMQ into OUT/<instance>/,
+    /// one verifiable chain per instance; gaps, conflicts and rejected messages are
+    /// reported (exit status 2).
+    Collect {
+        /// RabbitMQ URL; the nodes of a cluster as a comma-separated list (or repeat it).
+        #[arg(
+            long,
+            env = "BREAKWATER_AMQP_URL",
+            value_delimiter = ',',
+            required = true
+        )]
+        amqp: Vec<String>,
+        /// Directory of the collected file sets.
+        #[arg(long)]
+        out: PathBuf,
+        /// The sidecars' `[audit] publish_exchange`.
+        #[arg(long, default_value = "breakwater.audit")]
+        exchange: String,
+        /// The collector's quorum queue (single active consumer: a second collector on
+        /// the same queue is a standby).
+        #[arg(long, default_value = "breakwater.audit.collect")]
+        queue: String,
+        /// Rotate an instance's decisions.jsonl past this size.
+        #[arg(long, default_value_t = 256 * 1024 * 1024)]
+        rotate_bytes: u64,
+        /// Exit after this many seconds without a message.
+        #[arg(long)]
+        idle_exit_s: Option<u64>,
+        /// Exit once this many messages were handled.
+        #[arg(long)]
+        max_messages: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -269,6 +301,79 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        AuditCommand::Collect {
+            amqp,
+            out: dir,
+            exchange,
+            queue,
+            rotate_bytes,
+            idle_exit_s,
+            max_messages,
+        } => {
+            let urls: Vec<String> = amqp.iter().map(|u| u.trim().to_string()).collect();
+            if let Some((i, bad)) = urls
+                .iter()
+                .enumerate()
+                .find(|(_, u)| !(u.starts_with("amqp://") || u.starts_with("amqps://")))
+            {
+                anyhow::bail!("--amqp[{i}]: must start with amqp:// or amqps://: {bad:?}");
+            }
+            let endpoints =
+                breakwater::cli::Endpoints::new(urls).context("--amqp: give at least one URL")?;
+            let settings = breakwater::cli::CollectSettings {
+                endpoints,
+                exchange,
+                queue,
+                out: dir,
+                rotate_bytes: rotate_bytes.max(4096),
+                idle_exit: idle_exit_s.map(std::time::Duration::from_secs),
+                max_messages,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            let summary = rt.block_on(async move {
+                let stop = CancellationToken::new();
+                let signal = stop.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signal.cancel();
+                });
+                breakwater::cli::audit_collect(settings, stop).await
+            })?;
+            for (name, i) in &summary.instances {
+                writeln!(
+                    out,
+                    "{name}: {} written (seq {}..{}), {} duplicate(s) dropped, {} gap(s) ({} record(s) missing), {} conflict(s), {} late",
+                    i.written,
+                    i.first_seq.map_or("-".into(), |s| s.to_string()),
+                    i.last_seq.map_or("-".into(), |s| s.to_string()),
+                    i.duplicates,
+                    i.gaps,
+                    i.missing,
+                    i.conflicts,
+                    i.late,
+                )?;
+            }
+            writeln!(
+                out,
+                "{}: {} message(s), {} instance(s), {} rejected",
+                if summary.has_problems() {
+                    "INCOMPLETE"
+                } else {
+                    "ok"
+                },
+                summary.messages,
+                summary.instances.len(),
+                summary.rejected
+            )?;
+            Ok(if summary.has_problems() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         AuditCommand::Find { request_id, paths } => {
             let records = breakwater::cli::find_request(&paths, &request_id)?;
             for r in &records {

@@ -485,3 +485,231 @@ async fn two_sidecars_on_one_route_replay_one_at_a_time_within_the_pace_and_take
     drop(children);
     rabbit::cleanup(&ch, &route).await;
 }
+
+const AUDIT_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// A sidecar named `instance` whose decision log is copied to `exchange`.
+fn audit_sidecar_config(
+    ai: &MockAi,
+    dir: &std::path::Path,
+    instance: &str,
+    exchange: &str,
+) -> String {
+    let key = dir.join("audit.key");
+    std::fs::write(&key, AUDIT_KEY).unwrap();
+    let audit = format!(
+        "[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\npublish_url = [\"amqp://guest:guest@127.0.0.1:1/%2f\", \"{}\"]\npublish_exchange = \"{exchange}\"\n",
+        dir.join("decisions.jsonl").display(),
+        key.display(),
+        rabbit::URL
+    );
+    simple_config(&ai.url(), "", &audit).replacen(
+        "[server]\n",
+        &format!("[server]\ninstance = \"{instance}\"\n"),
+        1,
+    )
+}
+
+/// `breakwater audit collect` as a child process, its stdout and stderr in files.
+fn spawn_collector(
+    out: &std::path::Path,
+    logs: &std::path::Path,
+    extra: &[&str],
+    exchange: &str,
+    queue: &str,
+) -> Reaped {
+    let child = Command::new(breakwater_bin())
+        .args(["audit", "collect", "--amqp"])
+        .arg(format!(
+            "amqp://guest:guest@127.0.0.1:1/%2f,{}",
+            rabbit::URL
+        ))
+        .arg("--out")
+        .arg(out)
+        .args(["--exchange", exchange, "--queue", queue])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(logs.with_extension("out")).unwrap())
+        .stderr(std::fs::File::create(logs.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    Reaped(Some(child))
+}
+
+fn wait_exit(child: &mut Reaped, within: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + within;
+    let c = child.0.as_mut().unwrap();
+    loop {
+        if let Some(status) = c.try_wait().unwrap() {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let ok = ch
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .is_ok();
+    let _ = ch.close(200, "done".into()).await;
+    ok
+}
+
+fn verify(dir: &std::path::Path) -> (bool, String) {
+    let out = Command::new(breakwater_bin())
+        .args(["audit", "verify"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+async fn publish_copy(ch: &lapin::Channel, exchange: &str, app_id: &str, line: &[u8]) {
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_app_id(app_id.into());
+    ch.basic_publish(
+        exchange.into(),
+        "audit.record".into(),
+        lapin::options::BasicPublishOptions::default(),
+        line,
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn audit_collect_files_each_instance_verifiably_and_reports_duplicates_and_gaps() {
+    if !available().await {
+        return;
+    }
+    let uniq = rabbit::unique_route("collect");
+    let exchange = format!("test.audit.{uniq}");
+    let queue = format!("test.audit.collect.{uniq}");
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("collected");
+    let (conn, ch) = rabbit::channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+
+    // The collector runs first (it declares its queue), until SIGTERM.
+    let mut collector = spawn_collector(&out, &work.path().join("run1"), &[], &exchange, &queue);
+    assert!(
+        poll_until(Duration::from_secs(30), || queue_exists(&conn, &queue)).await,
+        "the collector did not declare its queue"
+    );
+    let ai = MockAi::start().await;
+    let mut sidecar_dirs = Vec::new();
+    for name in ["edge-a", "edge-b"] {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = TestProxy::start(&audit_sidecar_config(&ai, dir.path(), name, &exchange)).await;
+        for i in 0..15 {
+            let r = proxy
+                .post("/v1/grading", format!("{{\"essay\":{i}}}"))
+                .await;
+            assert_eq!(r.status, 200);
+        }
+        proxy.stop().await;
+        sidecar_dirs.push((name, dir));
+    }
+    // Each instance's collected file is its sidecar's own file, byte for byte.
+    for (name, dir) in &sidecar_dirs {
+        let own = std::fs::read_to_string(dir.path().join("decisions.jsonl")).unwrap();
+        assert!(own.lines().count() >= 15);
+        let collected = out.join(name).join("decisions.jsonl");
+        let same = poll_until(Duration::from_secs(30), || async {
+            std::fs::read_to_string(&collected).unwrap_or_default() == own
+        })
+        .await;
+        assert!(
+            same,
+            "{name}: collected copy differs from the sidecar's file"
+        );
+        let (ok, report) = verify(&out.join(name));
+        assert!(ok, "{name}: {report}");
+    }
+    // SIGTERM: a clean stop.
+    Command::new("kill")
+        .arg(collector.0.as_ref().unwrap().id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(wait_exit(&mut collector, Duration::from_secs(20)), Some(0));
+    let summary = std::fs::read_to_string(work.path().join("run1.out")).unwrap();
+    assert!(summary.contains("ok: "), "{summary}");
+
+    // A second run, with crafted copies: instance edge-c gets seq 1, 2, 4, 5 (3 is lost),
+    // seq 2 twice, and one message that is no record; edge-a gets a line the first run
+    // already wrote (a republish after a reconnect).
+    let a_lines: Vec<String> =
+        std::fs::read_to_string(sidecar_dirs[0].1.path().join("decisions.jsonl"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+    let mut collector = spawn_collector(
+        &out,
+        &work.path().join("run2"),
+        &["--max-messages", "7", "--idle-exit-s", "60"],
+        &exchange,
+        &queue,
+    );
+    for i in [0, 1, 3, 4, 1] {
+        publish_copy(&ch, &exchange, "edge-c", a_lines[i].as_bytes()).await;
+    }
+    publish_copy(&ch, &exchange, "edge-c", b"{\"not\":\"a record\"}").await;
+    publish_copy(&ch, &exchange, "edge-a", a_lines[2].as_bytes()).await;
+    let code = wait_exit(&mut collector, Duration::from_secs(60));
+    let summary = std::fs::read_to_string(work.path().join("run2.out")).unwrap();
+    let log = std::fs::read_to_string(work.path().join("run2.err")).unwrap();
+    assert_eq!(code, Some(2), "{summary}\n{log}");
+    assert!(
+        summary.contains("edge-c: 4 written (seq 1..5), 1 duplicate(s) dropped, 1 gap(s) (1 record(s) missing), 0 conflict(s)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("edge-a: 0 written (seq -..-), 1 duplicate(s) dropped, 0 gap(s)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("INCOMPLETE: 7 message(s), 2 instance(s), 1 rejected"),
+        "{summary}"
+    );
+    assert!(log.contains("GAP"), "{log}");
+    let gaps = std::fs::read_to_string(out.join("edge-c/gaps.jsonl")).unwrap();
+    let gap: serde_json::Value = serde_json::from_str(gaps.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (
+            gap["after_seq"].as_u64(),
+            gap["next_seq"].as_u64(),
+            gap["missing"].as_u64()
+        ),
+        (Some(2), Some(4), Some(1))
+    );
+    let rejected = std::fs::read_to_string(out.join("_rejected/rejected.jsonl")).unwrap();
+    assert_eq!(rejected.lines().count(), 1, "{rejected}");
+    // The gap is in the file for verify to see, not papered over.
+    let (ok, report) = verify(&out.join("edge-c"));
+    assert!(!ok && report.contains("Missing at seq Some(4)"), "{report}");
+    let (ok, report) = verify(&out.join("edge-a"));
+    assert!(ok, "{report}");
+    let _ = ch
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+}

@@ -2,8 +2,10 @@
 //! change event), tagged with the model version, written off the request path.
 //!
 //! `record` holds the formats and the hash chain, `writer` the background writer, `verify`
-//! the checks behind `breakwater audit verify` / `audit find`.
+//! the checks behind `breakwater audit verify` / `audit find`, `collect` the central
+//! collection of the copies `publish` sends to RabbitMQ.
 
+pub mod collect;
 pub mod publish;
 pub mod record;
 pub mod verify;
