@@ -564,6 +564,19 @@ async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
     ok
 }
 
+/// An instance's collected chain: rotated files (named by time) first, then the live file.
+fn collected_text(dir: &std::path::Path) -> String {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+    files.sort_by_key(|p| (p.ends_with("decisions.jsonl"), p.clone()));
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect()
+}
+
 fn verify(dir: &std::path::Path) -> (bool, String) {
     let out = Command::new(breakwater_bin())
         .args(["audit", "verify"])
@@ -607,7 +620,14 @@ async fn audit_collect_files_each_instance_verifiably_and_reports_duplicates_and
     ch.confirm_select(Default::default()).await.unwrap();
 
     // The collector runs first (it declares its queue), until SIGTERM.
-    let mut collector = spawn_collector(&out, &work.path().join("run1"), &[], &exchange, &queue);
+    // Small files: the collected chain spans rotated files, as the writer's does.
+    let mut collector = spawn_collector(
+        &out,
+        &work.path().join("run1"),
+        &["--rotate-bytes", "4096"],
+        &exchange,
+        &queue,
+    );
     assert!(
         poll_until(Duration::from_secs(30), || queue_exists(&conn, &queue)).await,
         "the collector did not declare its queue"
@@ -630,15 +650,16 @@ async fn audit_collect_files_each_instance_verifiably_and_reports_duplicates_and
     for (name, dir) in &sidecar_dirs {
         let own = std::fs::read_to_string(dir.path().join("decisions.jsonl")).unwrap();
         assert!(own.lines().count() >= 15);
-        let collected = out.join(name).join("decisions.jsonl");
         let same = poll_until(Duration::from_secs(30), || async {
-            std::fs::read_to_string(&collected).unwrap_or_default() == own
+            collected_text(&out.join(name)) == own
         })
         .await;
         assert!(
             same,
             "{name}: collected copy differs from the sidecar's file"
         );
+        let files = std::fs::read_dir(out.join(name)).unwrap().count();
+        assert!(files >= 2, "{name}: no rotation ({files} file)");
         let (ok, report) = verify(&out.join(name));
         assert!(ok, "{name}: {report}");
     }

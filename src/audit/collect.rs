@@ -103,6 +103,8 @@ struct Instance {
     live: PathBuf,
     file: File,
     size: u64,
+    /// The seq of the live file's last line (names the file when it is rotated).
+    file_last_seq: u64,
     last: Option<(u64, String)>,
     recent: VecDeque<(u64, String)>,
     pending: Vec<u8>,
@@ -150,6 +152,7 @@ impl Instance {
             None => last_of(&super::writer::rotated_files(&live)),
         };
         Ok(Instance {
+            file_last_seq: recent.back().map_or(0, |r| r.0),
             dir,
             live,
             file,
@@ -175,17 +178,20 @@ impl Instance {
 
     /// Writes what the batch produced and fsyncs it; rotates first when the file is full.
     fn flush(&mut self, rotate_bytes: u64) -> Result<(), CollectError> {
-        if !self.pending.is_empty() {
-            if self.size > 0 && self.size + self.pending.len() as u64 > rotate_bytes {
+        let pending = std::mem::take(&mut self.pending);
+        let mut chunk_start = 0;
+        let mut chunk_end = 0;
+        for line in pending.split_inclusive(|&b| b == b'\n') {
+            let chunk = (chunk_end - chunk_start) as u64;
+            if self.size + chunk > 0 && self.size + chunk + line.len() as u64 > rotate_bytes {
+                // The file is full: what fits goes in first, then the next file starts.
+                self.write_synced(&pending[chunk_start..chunk_end])?;
                 self.rotate()?;
+                chunk_start = chunk_end;
             }
-            self.file
-                .write_all(&self.pending)
-                .and_then(|_| self.file.sync_data())
-                .map_err(io_err(&self.live))?;
-            self.size += self.pending.len() as u64;
-            self.pending.clear();
+            chunk_end += line.len();
         }
+        self.write_synced(&pending[chunk_start..chunk_end])?;
         let reports = std::mem::take(&mut self.reports);
         for (kind, detail) in reports {
             append_synced(&self.dir.join(format!("{kind}.jsonl")), &detail)?;
@@ -193,9 +199,32 @@ impl Instance {
         Ok(())
     }
 
+    fn write_synced(&mut self, bytes: &[u8]) -> Result<(), CollectError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(bytes)
+            .and_then(|_| self.file.sync_data())
+            .map_err(io_err(&self.live))?;
+        self.size += bytes.len() as u64;
+        if let Some(p) = bytes[..bytes.len() - 1]
+            .rsplit(|&b| b == b'\n')
+            .next()
+            .and_then(parse_line)
+        {
+            self.file_last_seq = p.seq;
+        }
+        Ok(())
+    }
+
     fn rotate(&mut self) -> Result<(), CollectError> {
+        if self.size == 0 {
+            return Ok(());
+        }
         let stamp = super::rfc3339(SystemTime::now()).replace([':', '-'], "");
-        let seq = self.last.as_ref().map_or(0, |l| l.0);
+        // Named like the writer's rotated files: time, then the file's last seq.
+        let seq = self.file_last_seq;
         let rotated = self
             .dir
             .join(format!("decisions-{}-{seq:012}.jsonl", &stamp[..15]));
@@ -433,8 +462,17 @@ pub async fn run(
     let mut attempt = 0u32;
     let mut idle_since = tokio::time::Instant::now();
     loop {
+        // `--idle-exit-s` holds while no node is reachable too.
+        let idle_over = collector.settings.idle_exit.map(|d| idle_since + d);
+        let idle = async {
+            match idle_over {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let opened = tokio::select! {
             _ = stop.cancelled() => return Ok(collector.summary),
+            _ = idle => return Ok(collector.summary),
             c = open(&mut connector, &collector.settings) => c,
         };
         let (conn, channel, mut consumer) = match opened {
@@ -442,9 +480,13 @@ pub async fn run(
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, "cannot consume the decision log copies; retrying");
+                let mut wait = reconnect_delay(attempt);
+                if let Some(t) = idle_over {
+                    wait = wait.min(t.saturating_duration_since(tokio::time::Instant::now()));
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(collector.summary),
-                    _ = tokio::time::sleep(reconnect_delay(attempt)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
             }
