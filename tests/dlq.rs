@@ -935,28 +935,33 @@ async fn a_message_redelivered_past_the_delivery_limit_is_parked_not_dropped() {
     assert_eq!(paused.status, 200);
     // What the replay worker does when the breaker refuses or a result cannot be published:
     // take the message and requeue it, more often than the limit allows.
+    // (The queue has a single active consumer, which `basic.get` cannot share: consume.)
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "test-requeue".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let mut requeued = 0;
     for _ in 0..200 {
         if requeued == 4 {
             break;
         }
-        let Some(m) = ch
-            .basic_get(
-                queue.as_str().into(),
-                lapin::options::BasicGetOptions::default(),
-            )
-            .await
-            .unwrap()
+        use futures_util::StreamExt;
+        let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
         else {
             // Still unacked by a consumer that is stopping, or already dead-lettered.
             if rabbit::depth(&conn, &parked).await == 1 {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         requeued += 1;
-        m.delivery
+        delivery
             .nack(lapin::options::BasicNackOptions {
                 requeue: true,
                 ..Default::default()
@@ -964,6 +969,9 @@ async fn a_message_redelivered_past_the_delivery_limit_is_parked_not_dropped() {
             .await
             .unwrap();
     }
+    let _ = ch
+        .basic_cancel("test-requeue".into(), Default::default())
+        .await;
     assert_eq!(
         rabbit::wait_depth(&conn, &parked, 1, Duration::from_secs(10)).await,
         1,

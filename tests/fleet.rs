@@ -734,3 +734,63 @@ async fn audit_collect_files_each_instance_verifiably_and_reports_duplicates_and
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await;
 }
+
+#[tokio::test]
+async fn a_route_queue_declared_without_single_active_consumer_is_used_as_it_is() {
+    if !available().await {
+        return;
+    }
+    let route = rabbit::unique_route("fleet_oldq");
+    let queue = format!("breakwater.dlq.{route}");
+    let (conn, ch) = rabbit::channel().await;
+    // As an older breakwater declared it: quorum, nothing else.
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let results = rabbit::results_queue(&ch, &format!("test.results.{route}"), &route).await;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = format!("amqp_url = \"{}\"\n", rabbit::URL);
+    let proxy = TestProxy::start(&route_config(&ai, &route, dir.path(), &dlq)).await;
+    for i in 0..3 {
+        let r = post(&proxy, &format!("{{\"essay\":{i}}}")).await;
+        assert!(matches!(
+            r.header("x-breakwater-dlq"),
+            Some("queued" | "spooled")
+        ));
+    }
+    // The declare is refused (PRECONDITION_FAILED, logged); publishing and replay go on
+    // with the queue as it is.
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 3, Duration::from_secs(20)).await,
+        3
+    );
+    ai.outage(false).await;
+    let r = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/breaker"),
+            r#"{"state":"auto"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        rabbit::wait_depth(&conn, &results, 3, Duration::from_secs(30)).await,
+        3
+    );
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
