@@ -236,9 +236,13 @@ impl Connector {
             self.lost();
         }
         let n = self.endpoints.urls.len();
+        let start = self.next;
         let mut last_error = None;
         for k in 0..n {
-            let i = (self.next + k) % n;
+            let i = (start + k) % n;
+            // A caller that gives up on this attempt (the admin API's bounded wait) starts
+            // with the following node next time, so a blackholed node cannot hold it.
+            self.next = (i + 1) % n;
             let url = &self.endpoints.urls[i];
             let attempt =
                 tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect(url, &self.name, exchanges))
@@ -264,7 +268,8 @@ impl Connector {
                 }
             }
         }
-        self.next = (self.next + 1) % n;
+        // The next round starts one node further on.
+        self.next = (start + 1) % n;
         Err(last_error.unwrap_or(AmqpError::ConnectTimeout(NODE_CONNECT_TIMEOUT)))
     }
 }

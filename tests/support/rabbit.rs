@@ -71,6 +71,18 @@ pub async fn wait_depth(conn: &Connection, queue: &str, n: u32, within: Duration
     }
 }
 
+/// Waits until `queue` holds at most `n` ready messages.
+pub async fn wait_depth_at_most(conn: &Connection, queue: &str, n: u32, within: Duration) -> u32 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let d = depth(conn, queue).await;
+        if d <= n || tokio::time::Instant::now() > deadline {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Takes every message now in `queue` (acking them).
 pub async fn drain(ch: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
     if single_active_consumer(queue) {
