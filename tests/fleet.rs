@@ -806,3 +806,74 @@ async fn a_route_queue_declared_without_single_active_consumer_is_used_as_it_is(
     proxy.stop().await;
     rabbit::cleanup(&ch, &route).await;
 }
+
+#[tokio::test]
+async fn audit_copies_fail_over_to_the_next_node_and_the_collected_chain_stays_intact() {
+    if !available().await {
+        return;
+    }
+    let uniq = rabbit::unique_route("collect_failover");
+    let exchange = format!("test.audit.{uniq}");
+    let queue = format!("test.audit.collect.{uniq}");
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("collected");
+    let (conn, ch) = rabbit::channel().await;
+    let mut collector = spawn_collector(&out, &work.path().join("run"), &[], &exchange, &queue);
+    assert!(poll_until(Duration::from_secs(30), || queue_exists(&conn, &queue)).await);
+    let node0 = ForwardNode::start().await;
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = audit_sidecar_config(&ai, dir.path(), "edge-f", &exchange)
+        .replace("amqp://guest:guest@127.0.0.1:1/%2f", &node0.url());
+    let proxy = TestProxy::start(&cfg).await;
+    let own = || std::fs::read_to_string(dir.path().join("decisions.jsonl")).unwrap();
+    let collected_all = |n: usize| {
+        let out = out.clone();
+        let own = own.clone();
+        async move {
+            let mine = own();
+            mine.lines().count() >= n && collected_text(&out.join("edge-f")) == mine
+        }
+    };
+    for i in 0..10 {
+        proxy
+            .post("/v1/grading", format!("{{\"essay\":{i}}}"))
+            .await;
+    }
+    assert!(poll_until(Duration::from_secs(30), || collected_all(10)).await);
+    let cfg = proxy.admin_config().await;
+    assert_eq!(
+        cfg["amqp_connections"]["breakwater-audit-edge-f"]["node"], 0,
+        "{cfg}"
+    );
+
+    node0.kill();
+    for i in 10..20 {
+        proxy
+            .post("/v1/grading", format!("{{\"essay\":{i}}}"))
+            .await;
+    }
+    assert!(
+        poll_until(Duration::from_secs(60), || collected_all(20)).await,
+        "the copies did not move to node 1"
+    );
+    let cfg = proxy.admin_config().await;
+    assert_eq!(
+        cfg["amqp_connections"]["breakwater-audit-edge-f"]["node"], 1,
+        "{cfg}"
+    );
+    let (ok, report) = verify(&out.join("edge-f"));
+    assert!(ok, "{report}");
+    proxy.stop().await;
+    Command::new("kill")
+        .arg(collector.0.as_ref().unwrap().id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(wait_exit(&mut collector, Duration::from_secs(20)), Some(0));
+    let _ = ch
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+}
