@@ -829,7 +829,6 @@ async fn audit_copies_fail_over_to_the_next_node_and_the_collected_chain_stays_i
     let own = || std::fs::read_to_string(dir.path().join("decisions.jsonl")).unwrap();
     let collected_all = |n: usize| {
         let out = out.clone();
-        let own = own.clone();
         async move {
             let mine = own();
             mine.lines().count() >= n && collected_text(&out.join("edge-f")) == mine
