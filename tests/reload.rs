@@ -94,3 +94,15 @@ async fn a_changed_audit_rotation_is_refused_by_key() {
     assert_reload_refused(&p, &refused, "audit.rotate_bytes").await;
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_changed_amqp_url_list_is_refused_by_key() {
+    let base = tempfile::tempdir().unwrap();
+    // Unreachable nodes: the spool keeps what would be published; only the config matters.
+    let nodes = |list: &str| format!("{}amqp_url = [{list}]\n", dlq(base.path(), "a"));
+    let two = "\"amqp://guest:guest@127.0.0.1:1/%2f\", \"amqp://guest:guest@127.0.0.1:2/%2f\"";
+    let p = TestProxy::start(&config(2000, true, &nodes(two))).await;
+    let three = format!("{two}, \"amqp://guest:guest@127.0.0.1:3/%2f\"");
+    assert_reload_refused(&p, &config(2000, true, &nodes(&three)), "dlq.amqp_url").await;
+    p.stop().await;
+}
