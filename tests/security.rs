@@ -387,14 +387,12 @@ async fn admin_mutations_without_the_token_get_401_change_nothing_and_are_logged
             "/admin/dlq/parked/requeue",
         ),
     ];
-    let refuse_all = |calls: Vec<(&'static str, &'static str)>| {
-        async move {
-            for (path, body) in calls {
-                for token in bad_tokens {
-                    let (s, json) = call(admin, "POST", path, body, token).await;
-                    assert_eq!(s, 401, "{path} with {token:?}: {json}");
-                    assert!(json["error"]["message"].as_str().unwrap().contains("token"));
-                }
+    let refuse_all = |calls: Vec<(&'static str, &'static str)>| async move {
+        for (path, body) in calls {
+            for token in bad_tokens {
+                let (s, json) = call(admin, "POST", path, body, token).await;
+                assert_eq!(s, 401, "{path} with {token:?}: {json}");
+                assert!(json["error"]["message"].as_str().unwrap().contains("token"));
             }
         }
     };
