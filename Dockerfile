@@ -7,7 +7,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY loadtests ./loadtests
 COPY config ./config
-RUN cargo build --release --locked --bin breakwater && mkdir -p /out/var/audit /out/var/spool
+# The decision log and spool directories are breakwater's alone (0700; files in them are 0600).
+RUN cargo build --release --locked --bin breakwater && install -d -m 0700 /out/var /out/var/audit /out/var/spool
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 # Relative paths in the config (body files, var/audit, var/spool) resolve from /app.

@@ -19,6 +19,7 @@ pub(crate) mod events;
 pub(crate) mod exchange;
 pub(crate) mod fallback;
 pub(crate) mod layers;
+pub(crate) mod private_fs;
 pub(crate) mod proxy;
 pub(crate) mod server;
 pub(crate) mod telemetry;

@@ -39,6 +39,8 @@ pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
 pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
 pub const AMQP_CONNECTED_NODE: &str = "breakwater_amqp_connected_node";
+pub const ADMIN_UNAUTHORIZED: &str = "breakwater_admin_unauthorized_total";
+pub const UPSTREAM_TLS_ERRORS: &str = "breakwater_upstream_tls_errors_total";
 
 /// Distinct model-version label values kept before the rest are folded into "other".
 const MAX_MODEL_VERSIONS: usize = 64;
@@ -81,6 +83,16 @@ pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::Cancel
 }
 
 fn describe() {
+    describe_counter!(
+        ADMIN_UNAUTHORIZED,
+        "Mutating admin calls refused for a missing or wrong bearer token, by endpoint \
+         (a path template such as /admin/routes/{name}/breaker, or other)"
+    );
+    describe_counter!(
+        UPSTREAM_TLS_ERRORS,
+        "TLS handshakes with an upstream that failed, by upstream and kind \
+         (untrusted|expired|wrong_host|client_cert_rejected|other)"
+    );
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Open client connections, by listener (data|admin)"

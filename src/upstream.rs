@@ -96,15 +96,173 @@ impl Upstream {
         let started = Instant::now();
         match self.client.request(out).await {
             Ok(resp) => Ok((resp, started.elapsed())),
-            Err(e) if e.is_connect() => Err(ErrorKind::Connect(error_chain(&e))),
-            Err(e) => Err(ErrorKind::Transport {
-                message: error_chain(&e),
-                // hyper-util already retried requests canceled before they were written;
-                // anything else may have reached the upstream.
-                sent: true,
-            }),
+            // Before the generic arms: with TLS 1.3 an upstream that refuses our client
+            // certificate says so only after the client considers the handshake done, so
+            // hyper reports it as a failed request, yet the upstream processed nothing.
+            Err(e) => match tls_failure(&e) {
+                Some(kind) => Err(self.tls_error(kind, &e, e.is_connect())),
+                None if e.is_connect() => Err(ErrorKind::Connect(error_chain(&e))),
+                None => Err(ErrorKind::Transport {
+                    message: error_chain(&e),
+                    // hyper-util already retried requests canceled before they were written;
+                    // anything else may have reached the upstream.
+                    sent: true,
+                }),
+            },
         }
     }
+}
+
+impl Upstream {
+    /// A failed TLS handshake: counted by kind, logged, and reported to the client with
+    /// what went wrong in words (the JSON `error.message`), under `connect_error`. A
+    /// certificate failure means the upstream processed nothing; another TLS error after
+    /// the connection was up may have come after the request reached it.
+    fn tls_error(
+        &self,
+        kind: TlsFailure,
+        e: &dyn std::error::Error,
+        connecting: bool,
+    ) -> ErrorKind {
+        metrics::counter!(
+            crate::telemetry::UPSTREAM_TLS_ERRORS,
+            "upstream" => self.name.to_string(),
+            "kind" => kind.as_str()
+        )
+        .increment(1);
+        let detail = error_chain(e);
+        tracing::warn!(upstream = %self.name, kind = kind.as_str(), error = %detail, "TLS handshake with the upstream failed");
+        let message = format!(
+            "TLS with upstream {:?} failed: {} ({detail})",
+            &*self.name,
+            kind.explain()
+        );
+        if kind == TlsFailure::Other && !connecting {
+            return ErrorKind::Transport {
+                message,
+                sent: true,
+            };
+        }
+        ErrorKind::Connect(message)
+    }
+}
+
+/// Why a TLS handshake with an upstream failed: the `kind` label of
+/// `breakwater_upstream_tls_errors_total` (a fixed set, so the label stays bounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsFailure {
+    /// Its certificate does not chain to a trusted CA (webpki roots plus `ca_file`).
+    Untrusted,
+    /// Its certificate is outside its validity period (expired, or not valid yet).
+    Expired,
+    /// Its certificate does not name the host in the upstream's `url`.
+    WrongHost,
+    /// The upstream refused our client certificate (missing, untrusted or expired): mTLS.
+    ClientCertRejected,
+    /// Any other TLS failure (protocol versions, ciphers, a bad certificate encoding...).
+    Other,
+}
+
+impl TlsFailure {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::Untrusted => "untrusted",
+            TlsFailure::Expired => "expired",
+            TlsFailure::WrongHost => "wrong_host",
+            TlsFailure::ClientCertRejected => "client_cert_rejected",
+            TlsFailure::Other => "other",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            TlsFailure::Untrusted => {
+                "its certificate is not signed by a trusted CA (check the upstream's ca_file)"
+            }
+            TlsFailure::Expired => "its certificate has expired or is not valid yet",
+            TlsFailure::WrongHost => "its certificate is not valid for the host in its url",
+            TlsFailure::ClientCertRejected => {
+                "it refused our client certificate (check client_cert_file / client_key_file)"
+            }
+            TlsFailure::Other => "TLS error",
+        }
+    }
+
+    fn of(e: &rustls::Error) -> TlsFailure {
+        use rustls::{AlertDescription as A, CertificateError as C};
+        match e {
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::UnknownIssuer | C::BadSignature => TlsFailure::Untrusted,
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => TlsFailure::Expired,
+                C::NotValidForName | C::NotValidForNameContext { .. } => TlsFailure::WrongHost,
+                _ => TlsFailure::Other,
+            },
+            rustls::Error::AlertReceived(
+                A::CertificateRequired
+                | A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::UnsupportedCertificate
+                | A::AccessDenied,
+            ) => TlsFailure::ClientCertRejected,
+            _ => TlsFailure::Other,
+        }
+    }
+}
+
+/// The rustls error somewhere in `e`'s source chain. rustls errors travel inside
+/// `io::Error`s (sometimes one inside another), whose `source()` skips what they wrap,
+/// hence the walk through `get_ref`.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
+    let mut next = Some(e);
+    // Bounded: an error chain is a handful of links.
+    for _ in 0..32 {
+        let Some(err) = next else {
+            break;
+        };
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(TlsFailure::of(t));
+        }
+        next = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => err.source(),
+            },
+            None => err.source(),
+        };
+    }
+    alert_in_text(&error_chain(e))
+}
+
+/// An h2 connection keeps only the text of the io error that ended it, so a TLS alert the
+/// upstream sent after the handshake (TLS 1.3 refuses a client certificate then) is found
+/// by rustls's wording: "received fatal alert: <AlertDescription>".
+fn alert_in_text(chain: &str) -> Option<TlsFailure> {
+    const CLIENT_CERT: &[&str] = &[
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "CertificateExpired",
+        "CertificateRevoked",
+        "UnsupportedCertificate",
+        "AccessDenied",
+    ];
+    let (_, alert) = chain.split_once("received fatal alert: ")?;
+    let name: String = alert
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect();
+    Some(if CLIENT_CERT.contains(&name.as_str()) {
+        TlsFailure::ClientCertRejected
+    } else {
+        TlsFailure::Other
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -116,4 +274,35 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+    #[test]
+    fn a_rustls_error_is_found_inside_nested_io_errors() {
+        let rustls = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        let inner = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls);
+        let outer = std::io::Error::other(inner);
+        let e = Wrapper(Box::new(outer));
+        assert_eq!(tls_failure(&e), Some(TlsFailure::Expired));
+        let plain = Wrapper(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert_eq!(tls_failure(&plain), None);
+        // What an h2 connection leaves of the alert: its text only.
+        let h2 = Wrapper(Box::new(std::io::Error::other(
+            "connection error: received fatal alert: CertificateRequired",
+        )));
+        assert_eq!(tls_failure(&h2), Some(TlsFailure::ClientCertRejected));
+        assert_eq!(
+            alert_in_text("x: received fatal alert: ProtocolVersion"),
+            Some(TlsFailure::Other)
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! and (from the resilience layers on) the operator levers. Mutating calls need the bearer
 //! token from `server.admin_token_file` when one is configured.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -53,7 +54,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
             let _permit = permit;
             let handler = move |req| {
                 let state = state.clone();
-                async move { handle(&state, req).await }
+                async move { handle(&state, req, remote).await }
             };
             // Admin calls are short: nothing to drain past the process's own shutdown.
             let never = CancellationToken::new();
@@ -93,14 +94,55 @@ fn error(status: StatusCode, message: &str) -> http::Response<ProxyBody> {
     )
 }
 
-/// Constant-time comparison so the token cannot be guessed byte by byte from timings.
+/// Constant-time comparison so the token cannot be guessed byte by byte from timings:
+/// `subtle` compares the SHA-256 digests, so neither the matching prefix nor the token's
+/// length shows in how long a refusal takes.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    let (given, expected) = (sha2::Sha256::digest(given), sha2::Sha256::digest(expected));
+    given.as_slice().ct_eq(expected.as_slice()).into()
+}
+
+/// The admin endpoint a path names, as a bounded metric label: route and variant names
+/// become `{name}` / `{variant}`, anything unknown is `other`.
+fn endpoint_label(segments: &[&str]) -> &'static str {
+    match segments {
+        ["admin", "reload"] => "/admin/reload",
+        ["admin", "routes", _, "breaker"] => "/admin/routes/{name}/breaker",
+        ["admin", "routes", _, "ai"] => "/admin/routes/{name}/ai",
+        ["admin", "routes", _, "variants", _] => "/admin/routes/{name}/variants/{variant}",
+        ["admin", "dlq", "replay"] => "/admin/dlq/replay",
+        ["admin", "dlq", "pause"] => "/admin/dlq/pause",
+        ["admin", "dlq", "resume"] => "/admin/dlq/resume",
+        ["admin", "dlq", "parked", "requeue"] => "/admin/dlq/parked/requeue",
+        _ => "other",
+    }
+}
+
+/// A refused mutating call: counted by endpoint and logged with who tried (the peer) and
+/// whether a token came at all. The given token is never logged, nor is its fingerprint
+/// (a guess shortened to 12 hex digits still helps no one, but is no one's business).
+fn refuse(
+    method: &Method,
+    path: &str,
+    segments: &[&str],
+    peer: SocketAddr,
+    headers: &http::HeaderMap,
+) -> http::Response<ProxyBody> {
+    let endpoint = endpoint_label(segments);
+    metrics::counter!(crate::telemetry::ADMIN_UNAUTHORIZED, "path" => endpoint).increment(1);
+    // The raw path is the client's text: cut it, so a 64 KiB URI is not a 64 KiB log line.
+    let shown: String = path.chars().take(200).collect();
+    tracing::warn!(
+        %peer,
+        method = %method,
+        path = %shown,
+        endpoint,
+        token_given = headers.contains_key(http::header::AUTHORIZATION),
+        "admin call refused: missing or wrong bearer token"
+    );
+    error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
 }
 
 /// Who made a mutating call, for the audit trail: the token's fingerprint, never the token.
@@ -139,15 +181,19 @@ async fn read_json(body: Incoming) -> Result<serde_json::Value, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("body is not JSON: {e}"))
 }
 
-async fn handle(state: &AdminState, req: http::Request<Incoming>) -> http::Response<ProxyBody> {
+async fn handle(
+    state: &AdminState,
+    req: http::Request<Incoming>,
+    peer: SocketAddr,
+) -> http::Response<ProxyBody> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mutating = method != Method::GET && method != Method::HEAD;
     if mutating && !authorized(state, req.headers()) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        return refuse(&method, &path, &segments, peer, req.headers());
     }
     let actor = actor_of(req.headers());
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => text_response(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, ["readyz"]) => readyz(state),
@@ -626,5 +672,21 @@ mod tests {
         assert!(token_matches(b"0123456789abcdef", b"0123456789abcdef"));
         assert!(!token_matches(b"0123456789abcdeX", b"0123456789abcdef"));
         assert!(!token_matches(b"short", b"0123456789abcdef"));
+        assert!(!token_matches(b"", b"0123456789abcdef"));
+        assert!(!token_matches(b"0123456789abcdef0", b"0123456789abcdef"));
+    }
+
+    #[test]
+    fn unauthorized_label_is_a_template_never_a_name() {
+        let label = |p: &str| endpoint_label(&p.trim_matches('/').split('/').collect::<Vec<_>>());
+        assert_eq!(
+            label("/admin/routes/payments/breaker"),
+            "/admin/routes/{name}/breaker"
+        );
+        assert_eq!(
+            label("/admin/routes/x/variants/v9"),
+            "/admin/routes/{name}/variants/{variant}"
+        );
+        assert_eq!(label("/admin/whatever/secret-guess"), "other");
     }
 }

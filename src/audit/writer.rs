@@ -500,14 +500,13 @@ impl Writer {
             source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            crate::private_fs::create_dir_all(dir).map_err(err)?;
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(err)?;
+        let mut file = crate::private_fs::open(
+            OpenOptions::new().create(true).read(true).append(true),
+            path,
+        )
+        .map_err(err)?;
         let (good_len, last) = last_good_line(&mut file).map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
         let mut truncated = None;
@@ -687,11 +686,10 @@ impl Writer {
         let rotated = rotated_name(path, &format!("{}-{:012}", &stamp[..15], self.seq));
         self.file.sync_all()?;
         std::fs::rename(path, &rotated)?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)?;
+        self.file = crate::private_fs::open(
+            OpenOptions::new().create(true).read(true).append(true),
+            path,
+        )?;
         if let Some(dir) = path.parent() {
             // Make the rename itself durable.
             if let Ok(d) = File::open(if dir.as_os_str().is_empty() {

@@ -336,6 +336,18 @@ impl Config {
                     .into(),
             });
         }
+        let admin = self.server.admin_listen;
+        if !admin.ip().is_loopback() && self.server.admin_token.is_none() {
+            found.push(ConfigError {
+                path: "server.admin_listen".into(),
+                message: format!(
+                    "the admin API listens on {admin}, beyond this host, and has no \
+                     server.admin_token_file: anyone who can reach it can reload the config, \
+                     open breakers, turn the AI off and replay the DLQ. Set a token, or \
+                     listen on 127.0.0.1"
+                ),
+            });
+        }
         found
     }
 }

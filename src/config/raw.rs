@@ -23,7 +23,8 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: String,
-    pub admin_listen: String,
+    /// Default `127.0.0.1:9901`: the admin API is reachable from this host only.
+    pub admin_listen: Option<String>,
     pub max_body_bytes: Option<u64>,
     pub max_response_buffer_bytes: Option<u64>,
     pub header_read_timeout_ms: Option<u64>,

@@ -13,6 +13,8 @@ use super::raw::*;
 use super::*;
 
 const MIB: u64 = 1024 * 1024;
+/// Loopback: the admin API is not reachable from the network unless the config says so.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 
 struct Errors(Vec<ConfigError>);
 
@@ -177,13 +179,13 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
             )
         })
         .ok();
-    let admin_listen = s
-        .admin_listen
+    let admin_listen_text = s.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+    let admin_listen = admin_listen_text
         .parse()
         .map_err(|err| {
             e.add(
                 "server.admin_listen",
-                format!("not a socket address ({err}): {:?}", s.admin_listen),
+                format!("not a socket address ({err}): {admin_listen_text:?}"),
             )
         })
         .ok();

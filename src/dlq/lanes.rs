@@ -61,7 +61,7 @@ impl Positions {
             (min, serde_json::to_vec(&*lanes).unwrap_or_default())
         };
         let tmp = self.file.with_extension("tmp");
-        if std::fs::write(&tmp, snapshot).is_ok() {
+        if crate::private_fs::write(&tmp, snapshot).is_ok() {
             let _ = std::fs::rename(&tmp, &self.file);
         }
         let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());

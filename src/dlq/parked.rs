@@ -72,11 +72,11 @@ impl ParkedStore {
         encode_record(&mut buf, &msg_id, &payload);
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let new_dir = !self.dir.exists();
-        std::fs::create_dir_all(&self.dir)?;
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(file_name(&env.route)))?;
+        crate::private_fs::create_dir_all(&self.dir)?;
+        let mut f = crate::private_fs::open(
+            OpenOptions::new().create(true).append(true),
+            &self.dir.join(file_name(&env.route)),
+        )?;
         f.write_all(&buf)?;
         f.sync_data()?;
         if new_dir {

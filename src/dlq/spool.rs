@@ -461,14 +461,14 @@ pub fn load_cursor(dir: &Path) -> Position {
 
 pub fn save_cursor(dir: &Path, pos: Position) {
     let tmp = dir.join("cursor.tmp");
-    if std::fs::write(&tmp, format!("{}:{}\n", pos.0, pos.1)).is_ok() {
+    if crate::private_fs::write(&tmp, format!("{}:{}\n", pos.0, pos.1)).is_ok() {
         let _ = std::fs::rename(&tmp, cursor_path(dir));
     }
 }
 
 /// Opens the spool: recovers what a previous run left, starts the writer thread.
 pub fn open(settings: SpoolSettings) -> Result<(SpoolWriter, Recovery), SpoolError> {
-    std::fs::create_dir_all(&settings.dir)?;
+    crate::private_fs::create_dir_all(&settings.dir)?;
     let mut recovery = Recovery::default();
     let mut segments = VecDeque::new();
     let mut bytes = 0;
@@ -578,10 +578,10 @@ impl Writer {
     }
 
     fn create(dir: &Path, id: u64) -> std::io::Result<File> {
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(dir, id))?;
+        let f = crate::private_fs::open(
+            OpenOptions::new().create(true).append(true),
+            &segment_path(dir, id),
+        )?;
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
         }

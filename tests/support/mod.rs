@@ -291,6 +291,12 @@ impl ProcessProxy {
         self.start(cmd).await
     }
 
+    /// Starts `cmd` (which runs the binary on `config_path`, e.g. under `sh -c 'umask ..'`)
+    /// and waits until the data port accepts connections.
+    pub async fn spawn_command(&self, cmd: std::process::Command) -> std::process::Child {
+        self.start(cmd).await
+    }
+
     async fn start(&self, mut cmd: std::process::Command) -> std::process::Child {
         let child = cmd.spawn().unwrap();
         for _ in 0..300 {
