@@ -437,9 +437,13 @@ impl crate::dlq::ReplayTarget for LateReplay {
         self.inner.get().is_some_and(|t| t.ready(route))
     }
 
-    fn replay(&self, env: &crate::dlq::Envelope) -> crate::dlq::ReplayFuture {
+    fn replay(
+        &self,
+        env: &crate::dlq::Envelope,
+        kind: crate::dlq::ReplayKind,
+    ) -> crate::dlq::ReplayFuture {
         match self.inner.get() {
-            Some(t) => t.replay(env),
+            Some(t) => t.replay(env, kind),
             None => Box::pin(async {
                 Err(crate::dlq::ReplayFailure {
                     reason: "starting".into(),

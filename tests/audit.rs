@@ -61,7 +61,9 @@ fn decisions(dir: &Path) -> Vec<serde_json::Value> {
 
 /// Waits until the log holds `n` decision records (the writer fsyncs in groups).
 async fn wait_for(dir: &Path, n: usize) -> Vec<serde_json::Value> {
-    for _ in 0..300 {
+    // Generous: on a loaded 2-core VM a group fsync can take seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
         let d = decisions(dir);
         if d.len() >= n {
             return d;
@@ -384,7 +386,8 @@ async fn a_failing_disk_turns_readiness_off_and_requests_still_get_answers() {
     let proxy = TestProxy::start(&simple_config(&ai.url(), "", &extra)).await;
     assert_eq!(proxy.get("/v1/x").await.status, 200);
     let mut ready = 200;
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
         ready = proxy.admin_get("/readyz").await.unwrap().status;
         if ready == 503 {
             break;
@@ -395,10 +398,9 @@ async fn a_failing_disk_turns_readiness_off_and_requests_still_get_answers() {
         ready, 503,
         "readiness stayed on while the log could not write"
     );
-    assert!(proxy
-        .metrics()
-        .await
-        .contains("breakwater_audit_write_errors_total"));
+    // Readiness goes off a moment before the error is counted: wait for the count.
+    let errors = wait_metric(&proxy, "breakwater_audit_write_errors_total", |e| e > 0.0).await;
+    assert!(errors > 0.0, "the failed writes were not counted");
     assert_eq!(proxy.get("/v1/x").await.status, 200);
 }
 
@@ -496,12 +498,13 @@ async fn written_lines_are_copied_to_rabbitmq_in_order() {
     }
     // The same bytes as the file, in the file's order: a collector can verify the chain.
     assert_eq!(copies, lines);
-    let metrics = proxy.metrics().await;
+    // The copies reach the queue before their confirms reach breakwater, which counts
+    // them only then: wait for the count.
+    let want = lines.len() as f64;
+    let published = wait_metric(&proxy, "breakwater_audit_published_total", |p| p >= want).await;
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("breakwater_audit_published_total")),
-        "{metrics}"
+        published >= want,
+        "{published} copies counted as published, {want} reached the queue"
     );
     proxy.stop().await;
     let _ = ch
@@ -525,19 +528,26 @@ async fn an_unreachable_broker_never_holds_the_log_and_counts_what_it_missed() {
         &audit_section(dir.path(), KEY_A, &publish),
     ))
     .await;
+    let dropped_before = metric(
+        &proxy.metrics().await,
+        "breakwater_audit_publish_dropped_total",
+    );
     for _ in 0..10 {
         assert_eq!(proxy.get("/v1/recommendations").await.status, 200);
     }
     assert_eq!(wait_for(dir.path(), 10).await.len(), 10);
-    let metrics = proxy.metrics().await;
-    let dropped: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("breakwater_audit_publish_dropped_total "))
-        .unwrap_or_else(|| panic!("{metrics}"))
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(dropped >= 8.0, "{dropped}");
+    // A line is in the file before its fsync returns, and only then is it offered to the
+    // copies' buffer (and counted when it does not fit): wait for the count it asserts.
+    // Of the ten lines, two fit the buffer; the other eight must be counted as missed.
+    let dropped = wait_metric(&proxy, "breakwater_audit_publish_dropped_total", |d| {
+        d >= dropped_before + 8.0
+    })
+    .await;
+    assert!(
+        dropped >= dropped_before + 8.0,
+        "{} copies counted as missed, want at least 8",
+        dropped - dropped_before
+    );
     proxy.stop().await;
 }
 
@@ -660,6 +670,20 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Polls `/metrics` until the (unlabelled) counter `name` satisfies `ok`, for at most 20 s;
+/// returns its last value. Counters move a moment after what the test saw (a line in the
+/// file, an answer), so a test waits for the value it asserts instead of reading it once.
+async fn wait_metric(proxy: &TestProxy, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = metric(&proxy.metrics().await, name);
+        if ok(v) || tokio::time::Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn metric(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
@@ -731,7 +755,7 @@ async fn a_full_disk_loses_records_only_counted_and_chained_and_shutdown_keeps_i
         503,
         "readiness stayed on while records were being lost"
     );
-    let dropped = metric(&proxy.metrics().await, "breakwater_audit_dropped_total");
+    let dropped = wait_metric(&proxy, "breakwater_audit_dropped_total", |d| d > 0.0).await;
     assert!(dropped > 0.0, "records were lost without being counted");
 
     // The disk is back: the writer catches up and chains what was lost.

@@ -1069,3 +1069,194 @@ fn first_segment(spool: &std::path::Path) -> std::path::PathBuf {
         })
         .unwrap()
 }
+
+// ---- POST /admin/dlq/replay?route=NAME: "replay now" (fixes helper, defect 2) ----
+
+/// The route's breaker state as `GET /admin/breakers` shows it.
+async fn breaker_state(proxy: &TestProxy, route: &str) -> String {
+    let r = proxy.admin_get("/admin/breakers").await.unwrap();
+    r.json()["routes"][route]["breaker"]["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `n` failed requests of `route` waiting in its queue, the route's breaker open for ten
+/// minutes (`dlq_config`), and the AI answering again: only an operator can replay now.
+async fn queued_behind_an_open_breaker(
+    n: u32,
+) -> (
+    MockAi,
+    tempfile::TempDir,
+    String,
+    TestProxy,
+    lapin::Connection,
+    lapin::Channel,
+) {
+    let ai = MockAi::start().await;
+    ai.set_error_rate(1.0, 503);
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("grading");
+    let (conn, ch) = rabbit::channel().await;
+    rabbit::results_queue(&ch, &format!("test.results.{route}"), &route).await;
+    let proxy = TestProxy::start(&dlq_config(&ai, &route, dir.path(), true, "")).await;
+    for i in 0..n {
+        let r = post(&proxy, &format!("{{\"essay\":{i}}}")).await;
+        assert!(r.header("x-breakwater-dlq").is_some(), "{:?}", r.headers);
+    }
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, n, Duration::from_secs(20)).await,
+        n
+    );
+    assert_eq!(breaker_state(&proxy, &route).await, "open");
+    (ai, dir, route, proxy, conn, ch)
+}
+
+async fn replay_now(proxy: &TestProxy, route: &str) -> Reply {
+    proxy
+        .admin_post(&format!("/admin/dlq/replay?route={route}"), "", None)
+        .await
+}
+
+#[tokio::test]
+async fn an_operator_replay_probes_the_ai_while_the_breaker_is_open() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let (ai, _dir, route, proxy, conn, ch) = queued_behind_an_open_breaker(3).await;
+    ai.recover();
+    let r = replay_now(&proxy, &route).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    // The breaker would stay open for ten minutes: the replay goes now, each message once.
+    let results = format!("test.results.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &results, 3, Duration::from_secs(30)).await,
+        3,
+        "replays seen by the AI: {:?}",
+        ai.count_by_header("idempotency-key")
+    );
+    let by_key = ai.count_by_header("idempotency-key");
+    assert_eq!(by_key.len(), 3, "{by_key:?}");
+    assert!(by_key.values().all(|n| *n == 1), "{by_key:?}");
+    assert_eq!(
+        rabbit::depth(&conn, &format!("breakwater.dlq.{route}.parked")).await,
+        0
+    );
+    // The replays were the breaker's probes: three successes closed it.
+    assert_eq!(breaker_state(&proxy, &route).await, "closed");
+    assert_eq!(proxy.get("/v1/grading").await.outcome(), "ai");
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[tokio::test]
+async fn an_operator_replay_while_the_ai_still_fails_tries_once_and_keeps_the_message() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let (ai, _dir, route, proxy, conn, ch) = queued_behind_an_open_breaker(2).await;
+    // The AI is still failing.
+    let r = replay_now(&proxy, &route).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert!(
+        wait_until(Duration::from_secs(20), || replays(&ai) >= 1).await,
+        "the operator's replay never reached the AI"
+    );
+    // One probe failed: the breaker is open again and the replay run stops there instead
+    // of spending every message's attempts (or spinning on the broker's delivery limit).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        replays(&ai),
+        1,
+        "{:?}",
+        ai.count_by_header("idempotency-key")
+    );
+    assert_eq!(breaker_state(&proxy, &route).await, "open");
+    // Nothing is lost or parked: both messages wait in the queue, the tried one with its
+    // attempt counted.
+    let queue = format!("breakwater.dlq.{route}");
+    assert_eq!(
+        rabbit::wait_depth(&conn, &queue, 2, Duration::from_secs(20)).await,
+        2
+    );
+    assert_eq!(
+        rabbit::depth(&conn, &format!("breakwater.dlq.{route}.parked")).await,
+        0
+    );
+    let mut attempts: Vec<u64> = rabbit::drain(&ch, &queue)
+        .await
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap()["attempts"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts, [0, 1]);
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}
+
+#[tokio::test]
+async fn an_operator_replay_is_refused_under_the_kill_switch_or_a_forced_open_breaker() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    let (ai, _dir, route, proxy, conn, ch) = queued_behind_an_open_breaker(1).await;
+    ai.recover();
+    let queue = format!("breakwater.dlq.{route}");
+    // Kill switch: no AI call, whoever asks.
+    let off = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/ai"),
+            r#"{"enabled":false}"#,
+            None,
+        )
+        .await;
+    assert_eq!(off.status, 200);
+    let r = replay_now(&proxy, &route).await;
+    assert_eq!(r.status, 409, "{:?}", r.json());
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("kill switch"), "{message}");
+    // A breaker an operator forced open stays shut to replays too.
+    let on = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/ai"),
+            r#"{"enabled":true}"#,
+            None,
+        )
+        .await;
+    assert_eq!(on.status, 200);
+    set_breaker(&proxy, &route, "forced_open").await;
+    let r = replay_now(&proxy, &route).await;
+    assert_eq!(r.status, 409, "{:?}", r.json());
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("forced_open"), "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        replays(&ai),
+        0,
+        "the AI was called against the operator's switch"
+    );
+    assert_eq!(rabbit::depth(&conn, &queue).await, 1);
+    // The message was kept: once the breaker is back to auto it is replayed.
+    set_breaker(&proxy, &route, "auto").await;
+    assert_eq!(
+        rabbit::wait_depth(
+            &conn,
+            &format!("test.results.{route}"),
+            1,
+            Duration::from_secs(30)
+        )
+        .await,
+        1
+    );
+    assert_eq!(replays(&ai), 1);
+    proxy.stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}

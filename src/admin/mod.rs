@@ -417,7 +417,14 @@ fn dlq_action(
         "pause" => dlq.pause(route, true),
         "resume" => dlq.pause(route, false),
         "replay" => match route {
-            Some(r) => dlq.trigger(r),
+            Some(r) => {
+                // The operator's replay may cut an automatic open period short, never the
+                // kill switch or a breaker another operator forced open.
+                if let Some(why) = crate::proxy::replay::operator_replay_refused(&state.proxy, r) {
+                    return error(StatusCode::CONFLICT, &why);
+                }
+                dlq.trigger(r)
+            }
             None => return error(StatusCode::BAD_REQUEST, "replay needs ?route=NAME"),
         },
         _ => return error(StatusCode::NOT_FOUND, "DLQ actions: replay, pause, resume"),

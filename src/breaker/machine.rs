@@ -320,6 +320,23 @@ impl CircuitBreaker {
         }
     }
 
+    /// An operator asked to try the AI now (`POST /admin/dlq/replay`): an automatic open
+    /// period ends early and the breaker goes half-open, so the next calls are its probes
+    /// (a failure re-opens it, with the doubled period). A breaker forced open or closed
+    /// by an operator is left as it is.
+    pub fn end_open_period(&mut self, now: Instant) -> Option<Transition> {
+        if self.mode != Mode::Auto || !matches!(self.auto, Auto::Open { .. }) {
+            return None;
+        }
+        self.set_auto(
+            Auto::HalfOpen {
+                admitted: 0,
+                succeeded: 0,
+            },
+            now,
+        )
+    }
+
     pub fn set_mode(&mut self, mode: Mode, now: Instant) -> Option<Transition> {
         let from = self.state(now);
         self.mode = mode;
@@ -459,6 +476,32 @@ mod tests {
         let now = Instant::now();
         let p = b.try_acquire(now).expect("admitted");
         b.record(p, outcome, latency, now)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operator_ends_an_open_period_early_but_not_a_forced_open() {
+        let mut b = CircuitBreaker::new(settings());
+        for _ in 0..3 {
+            call(&mut b, FAIL, FAST);
+        }
+        let now = Instant::now();
+        assert_eq!(b.state(now), BreakerState::Open);
+        let t = b.end_open_period(now).unwrap();
+        assert_eq!((t.from, t.to), (BreakerState::Open, BreakerState::HalfOpen));
+        // Its probes decide as usual: a failure re-opens with the doubled period.
+        let p = b.try_acquire(now).expect("a probe");
+        assert!(p.is_probe());
+        b.record(p, FAIL, FAST, now);
+        assert_eq!(b.state(now), BreakerState::Open);
+        assert!(b.try_acquire(now).unwrap_err().retry_in >= Duration::from_secs(8));
+        // Closed, half-open and forced states are not changed.
+        b.end_open_period(now);
+        assert_eq!(call(&mut b, OK, FAST), None);
+        assert_eq!(b.end_open_period(Instant::now()), None);
+        b.set_mode(Mode::ForcedOpen, now);
+        assert_eq!(b.end_open_period(now), None);
+        assert_eq!(b.state(now), BreakerState::ForcedOpen);
+        assert!(b.try_acquire(now).is_err());
     }
 
     #[tokio::test(start_paused = true)]

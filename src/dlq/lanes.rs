@@ -216,8 +216,16 @@ impl Lane<'_> {
                 continue;
             }
             self.pace(&env.route).await;
-            let result = self.target.replay(&env).await;
+            let kind = if triggered {
+                super::ReplayKind::Operator
+            } else {
+                super::ReplayKind::Scheduled
+            };
+            let result = self.target.replay(&env, kind).await;
             self.target.recorded(&env, &result);
+            if triggered && super::end_operator_run(&result) {
+                c.triggered.store(false, Ordering::Relaxed);
+            }
             let failure = match result {
                 Ok(_) => {
                     c.replayed.fetch_add(1, Ordering::Relaxed);

@@ -84,11 +84,22 @@ pub struct ReplayFailure {
 
 pub type ReplayFuture = Pin<Box<dyn Future<Output = Result<ReplayAnswer, ReplayFailure>> + Send>>;
 
+/// Why a message is replayed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayKind {
+    /// The route is ready (breaker not open, AI on, not paused).
+    Scheduled,
+    /// An operator asked (`POST /admin/dlq/replay`): an automatic open period of the
+    /// breaker ends early so the replay can probe the AI. The kill switch and a breaker
+    /// forced open still refuse it.
+    Operator,
+}
+
 /// What the replay worker needs from the proxy: is the AI back, send the request, record.
 pub trait ReplayTarget: Send + Sync + 'static {
     /// Breaker closed and AI enabled for the route.
     fn ready(&self, route: &str) -> bool;
-    fn replay(&self, env: &Envelope) -> ReplayFuture;
+    fn replay(&self, env: &Envelope, kind: ReplayKind) -> ReplayFuture;
     /// Writes the decision record of a replay (`replayed` or `replay_failed`).
     fn recorded(&self, env: &Envelope, result: &Result<ReplayAnswer, ReplayFailure>);
 }
@@ -212,7 +223,10 @@ impl DlqHandle {
         }
     }
 
-    /// Replay now, even while paused or while the breaker has not closed yet.
+    /// Replay now, even while paused or while the breaker has not closed yet: the replays
+    /// probe the AI (see [`ReplayKind::Operator`]). The run ends when the queue is empty,
+    /// or at the first replay the AI fails or the route refuses: the breaker's own schedule
+    /// takes over from there, so one request spends one message's attempt, not all.
     pub fn trigger(&self, route: &str) {
         self.counters(route)
             .triggered
@@ -780,8 +794,16 @@ impl Worker {
                 return None;
             }
         };
-        let result = self.target.replay(&env).await;
+        let kind = if self.counters.triggered.load(Ordering::Relaxed) {
+            ReplayKind::Operator
+        } else {
+            ReplayKind::Scheduled
+        };
+        let result = self.target.replay(&env, kind).await;
         self.target.recorded(&env, &result);
+        if kind == ReplayKind::Operator && end_operator_run(&result) {
+            self.counters.triggered.store(false, Ordering::Relaxed);
+        }
         match result {
             Ok(answer) => {
                 if self.publish_result(link, &env, &answer).await {
@@ -893,6 +915,16 @@ impl Worker {
         )
         .await
         .is_ok()
+    }
+}
+
+/// Whether an operator's replay run ends after this result: when the route refused it (kill
+/// switch, breaker forced open, probes taken) or the AI failed it. The message is kept
+/// either way (requeued, republished with its attempt counted, or parked).
+fn end_operator_run(result: &Result<ReplayAnswer, ReplayFailure>) -> bool {
+    match result {
+        Ok(_) => false,
+        Err(f) => !f.attempted || f.retryable,
     }
 }
 

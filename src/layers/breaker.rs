@@ -118,6 +118,13 @@ impl SharedBreaker {
         self.with(|m| m.release(permit, now));
     }
 
+    /// Ends an automatic open period now (see `CircuitBreaker::end_open_period`).
+    pub fn end_open_period(&self, now: Instant) {
+        if let Some(Some(_)) = self.with(|m| m.end_open_period(now)) {
+            self.publish_state(now);
+        }
+    }
+
     /// Asks for a permit for one call that must end by `deadline`; `Err(retry_in)` when the
     /// breaker refuses.
     pub fn guard(

@@ -10,7 +10,9 @@ use http_body_util::BodyExt;
 use super::Proxy;
 use crate::audit::{Decision, Entry};
 use crate::breaker::{BreakerState, CallOutcome, FailureKind};
-use crate::dlq::{DlqHandle, Envelope, ReplayAnswer, ReplayFailure, ReplayFuture, ReplayTarget};
+use crate::dlq::{
+    DlqHandle, Envelope, ReplayAnswer, ReplayFailure, ReplayFuture, ReplayKind, ReplayTarget,
+};
 use crate::exchange::error::{ErrorKind, ProxyError};
 use crate::exchange::{DlqOutcome, ProxyRequest, Reason};
 use crate::layers::dlq::{DeadLetters, DlqFuture};
@@ -80,12 +82,12 @@ impl ReplayTarget for ProxyReplay {
             })
     }
 
-    fn replay(&self, env: &Envelope) -> ReplayFuture {
+    fn replay(&self, env: &Envelope, kind: ReplayKind) -> ReplayFuture {
         let proxy = self.proxy.upgrade();
         let env = env.clone();
         Box::pin(async move {
             let proxy = proxy.ok_or_else(|| not_tried("shutting down"))?;
-            replay_once(&proxy, &env).await
+            replay_once(&proxy, &env, kind).await
         })
     }
 
@@ -152,9 +154,39 @@ fn not_tried(reason: &str) -> ReplayFailure {
 /// next to the new values.
 const REPLACED_HEADERS: [&str; 3] = ["idempotency-key", "x-request-id", "x-breakwater-replay"];
 
+/// Why an operator's "replay now" cannot call the AI of `route` at all: the kill switch or
+/// a breaker forced open (an automatic open period does not refuse it; see
+/// [`ReplayKind::Operator`]). `None` when it can, or the route is unknown.
+pub fn operator_replay_refused(proxy: &Proxy, route: &str) -> Option<String> {
+    let snap = proxy.snapshot();
+    let state = snap.route_state(route)?;
+    if !state.ai.enabled() {
+        return Some(format!(
+            "route {route:?} has AI disabled (kill switch): nothing is replayed; enable it with POST /admin/routes/{route}/ai first"
+        ));
+    }
+    let forced_open = state
+        .breaker
+        .as_ref()
+        .is_some_and(|b| b.state(tokio::time::Instant::now()) == BreakerState::ForcedOpen);
+    forced_open.then(|| {
+        format!(
+            "route {route:?} has its breaker forced_open: nothing is replayed; set it to auto or forced_closed with POST /admin/routes/{route}/breaker first"
+        )
+    })
+}
+
 /// One replay through the route's upstream and breaker. The breaker permit is a guard:
-/// an early return or a dropped future gives its (half-open probe) slot back.
-async fn replay_once(proxy: &Proxy, env: &Envelope) -> Result<ReplayAnswer, ReplayFailure> {
+/// an early return or a dropped future gives its (half-open probe) slot back. The kill
+/// switch refuses every replay; an operator's replay ends an automatic open period first.
+async fn replay_once(
+    proxy: &Proxy,
+    env: &Envelope,
+    kind: ReplayKind,
+) -> Result<ReplayAnswer, ReplayFailure> {
+    if let Some(why) = operator_replay_refused(proxy, &env.route) {
+        return Err(not_tried(&why));
+    }
     let snap = proxy.snapshot();
     let route = snap
         .config
@@ -175,10 +207,15 @@ async fn replay_once(proxy: &Proxy, env: &Envelope) -> Result<ReplayAnswer, Repl
     // replay worker instead of burning the messages' attempts.
     let started = tokio::time::Instant::now();
     let guard = match snap.route_state(&env.route).and_then(|s| s.breaker.clone()) {
-        Some(b) => match b.guard(started, started + route.timeout) {
-            Ok(g) => Some(g),
-            Err(_) => return Err(not_tried("the route's breaker is open")),
-        },
+        Some(b) => {
+            if kind == ReplayKind::Operator {
+                b.end_open_period(started);
+            }
+            match b.guard(started, started + route.timeout) {
+                Ok(g) => Some(g),
+                Err(_) => return Err(not_tried("the route's breaker is open")),
+            }
+        }
         None => None,
     };
     let limit = snap.config.server.max_response_buffer_bytes;
@@ -339,7 +376,7 @@ mod tests {
         let target = ProxyReplay {
             proxy: Arc::downgrade(&proxy),
         };
-        let mut fut = target.replay(&envelope());
+        let mut fut = target.replay(&envelope(), ReplayKind::Scheduled);
         let polled = tokio::time::timeout(Duration::from_millis(50), &mut fut).await;
         assert!(polled.is_err(), "the silent AI cannot have answered");
         drop(fut);
@@ -378,7 +415,10 @@ mod tests {
         let target = ProxyReplay {
             proxy: Arc::downgrade(&proxy),
         };
-        let failure = target.replay(&envelope()).await.unwrap_err();
+        let failure = target
+            .replay(&envelope(), ReplayKind::Scheduled)
+            .await
+            .unwrap_err();
         assert!(
             failure.reason.contains("max_response_buffer_bytes"),
             "{}",
