@@ -154,9 +154,15 @@ pub fn actor_of(req_headers: &http::HeaderMap) -> String {
     }
 }
 
+/// The token of `Authorization: Bearer <token>`. The scheme is case-insensitive and
+/// followed by one or more spaces (RFC 9110 §11.1, §11.4).
 fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
     let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    v.strip_prefix(b"Bearer ")
+    let (scheme, rest) = v.split_at_checked(b"bearer".len())?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || !rest.starts_with(b" ") {
+        return None;
+    }
+    Some(rest.trim_ascii_start())
 }
 
 fn authorized(state: &AdminState, headers: &http::HeaderMap) -> bool {

@@ -66,6 +66,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// The whole request body must arrive within this after its head (else 408).
     pub body_read_timeout: Duration,
+    /// A request head (HTTP/1) or header list (h2) larger than this is refused (431 /
+    /// stream reset).
+    pub max_header_bytes: usize,
     /// Open connections on the data plane / the admin listener; more are refused.
     /// Read at start (like the listen addresses).
     pub max_connections: usize,

@@ -30,6 +30,7 @@ pub struct RawServer {
     pub header_read_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
     pub body_read_timeout_ms: Option<u64>,
+    pub max_header_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub admin_max_connections: Option<usize>,
     pub shutdown_grace_ms: Option<u64>,

@@ -149,6 +149,12 @@ pub(super) fn validate(raw: RawConfig, hash: String) -> Result<Config, ConfigErr
 
 // Only reached when validation reported no error, in which case the server config exists;
 // a harmless default keeps the code free of panics should that invariant ever break.
+/// Envoy's default (60 KiB) rounded up: room for large cookies and JWTs, far below what
+/// hyper alone would buffer per connection (400 KiB).
+const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+const MIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+const MAX_MAX_HEADER_BYTES: usize = 1024 * 1024;
+
 fn unreachable_server() -> ServerConfig {
     ServerConfig {
         listen: ([127, 0, 0, 1], 0).into(),
@@ -158,6 +164,7 @@ fn unreachable_server() -> ServerConfig {
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         body_read_timeout: Duration::from_secs(10),
+        max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
         max_connections: 4096,
         admin_max_connections: 64,
         shutdown_grace: Duration::from_secs(15),
@@ -218,6 +225,13 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         10_000,
         "server.body_read_timeout_ms",
     );
+    let max_header_bytes = s.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+    e.check(
+        (MIN_MAX_HEADER_BYTES..=MAX_MAX_HEADER_BYTES).contains(&max_header_bytes),
+        "server.max_header_bytes",
+        format!("must be between {MIN_MAX_HEADER_BYTES} and {MAX_MAX_HEADER_BYTES}"),
+    );
     let max_connections = s.max_connections.unwrap_or(4096);
     e.check(
         max_connections >= 1,
@@ -255,6 +269,7 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         header_read_timeout,
         idle_timeout,
         body_read_timeout,
+        max_header_bytes,
         max_connections,
         admin_max_connections,
         shutdown_grace,

@@ -316,6 +316,9 @@ impl Proxy {
     ) -> http::Response<ProxyBody> {
         let snapshot = self.snapshot.load_full();
         let request_id = headers::request_id(req.headers());
+        if let Err(why) = router::check_host(&req) {
+            return finish_local(StatusCode::BAD_REQUEST, "bad_host", why, &request_id);
+        }
         let host = router::request_host(&req);
         let Some(route) = snapshot
             .router

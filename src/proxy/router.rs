@@ -41,6 +41,43 @@ impl Router {
     }
 }
 
+/// Refuses what RFC 9112 §3.2 calls for a 400: an HTTP/1.1 request without `Host`, more
+/// than one `Host`, or a `Host` that is not a host. It also refuses a request whose target
+/// names an authority (HTTP/1 absolute form, or h2's `:authority`) other than its `Host`:
+/// RFC 9112 would let the target's authority win, so a client could reach a route guarded
+/// by `host` while naming another host to whatever checked `Host` in front.
+pub fn check_host<B>(req: &http::Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header");
+    }
+    let Some(host) = host else {
+        return if req.version() == http::Version::HTTP_11 {
+            Err("an HTTP/1.1 request must have a Host header")
+        } else {
+            Ok(())
+        };
+    };
+    let target = req.uri().authority();
+    if host.is_empty() && target.is_none() {
+        // RFC 9112 §3.2: the empty value for a target without an authority.
+        return Ok(());
+    }
+    let named = host
+        .to_str()
+        .ok()
+        .filter(|h| !h.contains('@'))
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .ok_or("the Host header is not a valid host[:port]")?;
+    match target {
+        Some(t) if !t.host().eq_ignore_ascii_case(named.host()) => {
+            Err("the request target names another host than the Host header")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The host a request names: `:authority` (HTTP/2) or `Host`, without port, lower-cased.
 pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
     let raw = req
@@ -122,6 +159,35 @@ upstream = "a"
             name(None, "/health", http::Method::GET).as_deref(),
             Some("root")
         );
+    }
+
+    fn host_check(uri: &str, version: http::Version, hosts: &[&str]) -> Result<(), &'static str> {
+        let mut req = http::Request::builder().uri(uri).version(version);
+        for h in hosts {
+            req = req.header("host", *h);
+        }
+        check_host(&req.body(()).unwrap())
+    }
+
+    #[test]
+    fn host_check_follows_rfc_9112_section_3_2() {
+        use http::Version;
+        assert!(host_check("/x", Version::HTTP_11, &["shop.example"]).is_ok());
+        assert!(host_check("/x", Version::HTTP_11, &["Shop.Example:8080"]).is_ok());
+        assert!(host_check("/x", Version::HTTP_11, &["[::1]:80"]).is_ok());
+        assert!(host_check("/x", Version::HTTP_11, &[]).is_err());
+        assert!(host_check("/x", Version::HTTP_10, &[]).is_ok());
+        assert!(host_check("/x", Version::HTTP_2, &[]).is_ok());
+        assert!(host_check("/x", Version::HTTP_11, &["a", "a"]).is_err());
+        assert!(host_check("/x", Version::HTTP_11, &["a b"]).is_err());
+        assert!(host_check("/x", Version::HTTP_11, &["user@a"]).is_err());
+        assert!(host_check("/x", Version::HTTP_11, &[""]).is_ok());
+        // Absolute form: the target's host must be the Host header's (the port may differ).
+        assert!(host_check("http://a.example/x", Version::HTTP_11, &["A.example:80"]).is_ok());
+        assert!(host_check("http://evil.example/x", Version::HTTP_11, &["a.example"]).is_err());
+        assert!(host_check("http://a.example/x", Version::HTTP_11, &[""]).is_err());
+        assert!(host_check("http://a.example/x", Version::HTTP_2, &[]).is_ok());
+        assert!(host_check("http://a.example/x", Version::HTTP_2, &["b.example"]).is_err());
     }
 
     #[test]

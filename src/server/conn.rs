@@ -24,6 +24,18 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ServerConfig;
 use crate::exchange::ProxyBody;
 
+/// hyper's smallest HTTP/1 read buffer (it panics below it; validation keeps the key above).
+const MIN_HEAD_BUFFER: usize = 8192;
+/// Streams one h2 connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Streams the client reset before breakwater took them up, kept at h2's own default of 20
+/// (set here so an upgrade cannot loosen it): past it the connection gets GOAWAY
+/// (ENHANCE_YOUR_CALM), the rapid-reset defence (CVE-2023-44487).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams breakwater had to reset for a client's protocol errors before it gives up on the
+/// connection with GOAWAY (the "MadeYouReset" pattern, CVE-2025-8671).
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+
 /// After an idle close is asked for (GOAWAY, or no keep-alive), the peer gets this long
 /// before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -34,6 +46,8 @@ pub(crate) struct Timeouts {
     pub(crate) header_read: Duration,
     /// With no request open.
     pub(crate) idle: Duration,
+    /// The largest request head (HTTP/1) or header list (h2) read.
+    pub(crate) max_header_bytes: usize,
 }
 
 impl Timeouts {
@@ -41,6 +55,7 @@ impl Timeouts {
         Timeouts {
             header_read: server.header_read_timeout,
             idle: server.idle_timeout,
+            max_header_bytes: server.max_header_bytes,
         }
     }
 }
@@ -99,11 +114,18 @@ pub(crate) async fn serve_connection<I, F, Fut>(
         // hyper's own timer runs while a kept-alive connection waits for its next request,
         // so it would cut idle connections at header_read_timeout: the tracker owns both.
         .header_read_timeout(None)
+        // A head that does not fit is refused with 431 (hyper's default would hold 400 KiB).
+        .max_buf_size(timeouts.max_header_bytes.max(MIN_HEAD_BUFFER))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS)
+        // Also bounds a CONTINUATION flood (CVE-2024-27316): h2 takes at most
+        // 1.25 x this / max_frame_size (at least 5) frames for one header block, then GOAWAY.
+        .max_header_list_size(u32::try_from(timeouts.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
