@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use rand::Rng;
 use serde::Serialize;
@@ -173,45 +173,64 @@ struct Seen {
 
 impl Seen {
     /// Takes every message now in the route's queue and its parked queue (a replay that
-    /// failed may have parked it: still kept, not lost).
+    /// failed may have parked it: still kept, not lost). A consumer with a large prefetch
+    /// (one `basic_get` per message is too slow for tens of thousands), cancelled once the
+    /// queue has been quiet for a moment.
     async fn drain(&mut self, conn: &Connection, route: &str) {
         for queue in [
             format!("breakwater.dlq.{route}"),
             format!("breakwater.dlq.{route}.parked"),
         ] {
-            // A fresh channel: a get on a missing queue closes the channel it runs on.
+            // A fresh channel: a consume on a missing queue closes the channel it runs on.
             let Ok(ch) = conn.create_channel().await else {
                 return;
             };
-            while let Ok(Some(m)) = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            let _ = ch
+                .basic_qos(2000, lapin::options::BasicQosOptions::default())
+                .await;
+            let Ok(mut consumer) = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    "chaos-collector".into(),
+                    lapin::options::BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
                 .await
+            else {
+                continue;
+            };
+            use futures_util::StreamExt as _;
+            while let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
             {
-                self.deliveries += 1;
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.delivery.data) else {
-                    self.unreadable += 1;
-                    continue;
-                };
-                let (Some(rid), Some(mid)) = (v["request_id"].as_str(), v["msg_id"].as_str())
-                else {
-                    self.unreadable += 1;
-                    continue;
-                };
-                let prop = m
-                    .delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string());
-                if prop.as_deref() != Some(mid) {
-                    self.id_mismatch += 1;
-                }
-                let e = self.by_request.entry(rid.to_string()).or_default();
-                e.0.insert(mid.to_string());
-                e.1 += 1;
+                self.take(
+                    &d.data,
+                    d.properties.message_id().as_ref().map(|s| s.to_string()),
+                );
             }
             let _ = ch.close(200, "done".into()).await;
         }
+    }
+
+    fn take(&mut self, data: &[u8], prop: Option<String>) {
+        self.deliveries += 1;
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            self.unreadable += 1;
+            return;
+        };
+        let (Some(rid), Some(mid)) = (v["request_id"].as_str(), v["msg_id"].as_str()) else {
+            self.unreadable += 1;
+            return;
+        };
+        if prop.as_deref() != Some(mid) {
+            self.id_mismatch += 1;
+        }
+        let e = self.by_request.entry(rid.to_string()).or_default();
+        e.0.insert(mid.to_string());
+        e.1 += 1;
     }
 
     fn missing<'a>(&self, acked: &'a HashSet<String>) -> Vec<&'a String> {
@@ -266,6 +285,7 @@ async fn finish_queues(url: &str, route: &str, seen: &mut Seen) {
         for q in [
             format!("breakwater.dlq.{route}"),
             format!("breakwater.dlq.{route}.parked"),
+            format!("breakwater.results.{route}"),
         ] {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
