@@ -575,3 +575,83 @@ async fn a_short_soak_keeps_rss_and_fds_flat() {
     assert!(report.ok, "{report:#?}");
     assert!(report.requests > 3000, "{report:#?}");
 }
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next().map(|u| u == "0"))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_config_made_unreadable_keeps_the_old_one_for_an_unprivileged_process() {
+    // chmod 000 means nothing to root: breakwater runs as nobody (setpriv), as in a pod.
+    let setpriv = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !running_as_root() || !setpriv {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("this test needs root and setpriv (util-linux) in CI");
+        }
+        eprintln!("skipping: needs root and setpriv");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bw = ProcessProxy::new(dir.path(), &simple_config(&ai.url(), "", ""));
+    std::fs::set_permissions(&bw.config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let log = dir.path().join("breakwater.log");
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(breakwater_bin())
+        .arg("--config")
+        .arg(&bw.config_path)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let child = Reaped(Some(cmd.spawn().unwrap()));
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", bw.port))
+                .await
+                .is_ok()
+        })
+        .await,
+        "breakwater did not start as nobody: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let admin = format!("http://127.0.0.1:{}", bw.admin);
+    let before = reload_errors(
+        &http_status(&format!("{admin}/metrics"), http::Method::GET)
+            .await
+            .1,
+    );
+
+    std::fs::set_permissions(&bw.config_path, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let (status, body) = http_status(&format!("{admin}/admin/reload"), http::Method::POST).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("ermission denied") && body.contains(&bw.config_path.display().to_string()),
+        "not a clear error: {body}"
+    );
+    let after = reload_errors(
+        &http_status(&format!("{admin}/metrics"), http::Method::GET)
+            .await
+            .1,
+    );
+    assert!(after > before, "the refused reload was not counted");
+    let (s, _) = http_status(&bw.url("/v1/x"), http::Method::GET).await;
+    assert_eq!(s, 200, "the old config stopped serving");
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("config reload rejected"));
+
+    std::fs::set_permissions(&bw.config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, body) = http_status(&format!("{admin}/admin/reload"), http::Method::POST).await;
+    assert_eq!(status, 200, "{body}");
+    drop(child);
+}
