@@ -400,4 +400,46 @@ mod tests {
         }
         assert_eq!(breaker.state(Instant::now()), BreakerState::Closed);
     }
+
+    /// A streamed body: one frame, then either the end or an error.
+    fn streamed(fail: bool) -> ProxyBody {
+        let frames = futures_util::stream::iter([
+            Ok(Frame::data(Bytes::from_static(b"part"))),
+            if fail {
+                Err(BoxError::from("connection reset"))
+            } else {
+                Ok(Frame::data(Bytes::from_static(b"rest")))
+            },
+        ]);
+        BodyExt::boxed(http_body_util::StreamBody::new(frames))
+    }
+
+    async fn call_and_read(breaker: &Arc<SharedBreaker>, fail: bool) -> bool {
+        let svc = BreakerLayer::new(breaker.clone()).layer(tower::service_fn(
+            move |_r: ProxyRequest| async move {
+                Ok::<_, ProxyError>(ProxyResponse::ai(http::Response::new(streamed(fail))))
+            },
+        ));
+        let resp = svc
+            .oneshot(test_request(Duration::from_secs(1)))
+            .await
+            .unwrap();
+        resp.http.into_body().collect().await.is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_body_cut_short_is_a_failure_and_one_read_to_the_end_a_success() {
+        let breaker = SharedBreaker::new("t", None, settings());
+        assert!(!call_and_read(&breaker, true).await);
+        let s = breaker.stats(Instant::now()).unwrap();
+        assert_eq!(s.consecutive_failures, 1, "{s:?}");
+        assert!(call_and_read(&breaker, false).await);
+        assert_eq!(
+            breaker.stats(Instant::now()).unwrap().consecutive_failures,
+            0
+        );
+        assert!(!call_and_read(&breaker, true).await);
+        assert!(!call_and_read(&breaker, true).await);
+        assert_eq!(breaker.state(Instant::now()), BreakerState::Open);
+    }
 }
