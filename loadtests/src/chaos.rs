@@ -175,7 +175,9 @@ impl Seen {
     /// Takes every message now in the route's queue and its parked queue (a replay that
     /// failed may have parked it: still kept, not lost). A consumer with a large prefetch
     /// (one `basic_get` per message is too slow for tens of thousands), cancelled once the
-    /// queue has been quiet for a moment.
+    /// queue has been quiet for a moment. Each message is acked after it is counted: one
+    /// still in flight when the channel closes goes back to the queue (with `no_ack` it
+    /// would be gone, and counted as lost).
     async fn drain(&mut self, conn: &Connection, route: &str) {
         for queue in [
             format!("breakwater.dlq.{route}"),
@@ -192,10 +194,7 @@ impl Seen {
                 .basic_consume(
                     queue.as_str().into(),
                     "chaos-collector".into(),
-                    lapin::options::BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
+                    lapin::options::BasicConsumeOptions::default(),
                     lapin::types::FieldTable::default(),
                 )
                 .await
@@ -210,6 +209,12 @@ impl Seen {
                     &d.data,
                     d.properties.message_id().as_ref().map(|s| s.to_string()),
                 );
+                if d.ack(lapin::options::BasicAckOptions::default())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
             let _ = ch.close(200, "done".into()).await;
         }
