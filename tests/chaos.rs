@@ -395,7 +395,7 @@ async fn a_full_audit_disk_keeps_answering_then_the_log_resumes_and_verifies() {
         assert_eq!(proxy.get("/v1/x").await.status, 200);
     }
     proxy.stop().await;
-    let report = breakwater::cli::verify_paths(&[log_dir.clone()]).unwrap();
+    let report = breakwater::cli::verify_paths(std::slice::from_ref(&log_dir)).unwrap();
     assert!(report.records >= 60, "{report:?}");
     assert_eq!(records(&log_dir).len(), 60, "a record was lost or doubled");
 }
