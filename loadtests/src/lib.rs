@@ -2,6 +2,7 @@
 //! integration tests), an open-loop load driver and the benchmark runner.
 
 pub mod bench;
+pub mod chaos;
 pub mod driver;
 pub mod mock;
 pub mod report;

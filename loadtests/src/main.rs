@@ -66,6 +66,16 @@ enum Cmd {
         #[arg(long)]
         pid: Option<u32>,
     },
+    /// Chaos runs with checked invariants: kill9, broker, soak (exit 1 if one fails).
+    Chaos {
+        #[command(subcommand)]
+        run: ChaosCmd,
+        #[arg(long, global = true, default_value = "target/release/breakwater")]
+        proxy_bin: PathBuf,
+        /// Work files (spool, config, logs) and the JSON report go here.
+        #[arg(long, global = true, default_value = "loadtests/reports/chaos")]
+        out: PathBuf,
+    },
     /// Mock AI directly vs through breakwater, side by side in one run.
     Bench {
         #[arg(long, default_value = "target/release/breakwater")]
@@ -96,9 +106,146 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ChaosCmd {
+    /// SIGKILL breakwater in a loop during a DLQ burst; every acknowledged message must
+    /// reach RabbitMQ (the shared broker is fine: nothing is stopped there).
+    Kill9 {
+        #[arg(long, default_value_t = 100)]
+        loops: u32,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 150)]
+        kill_min_ms: u64,
+        #[arg(long, default_value_t = 700)]
+        kill_max_ms: u64,
+        #[arg(long, default_value = loadtests::chaos::SHARED_AMQP)]
+        amqp_url: String,
+    },
+    /// An own RabbitMQ node (never the shared one) restarted under DLQ load.
+    Broker {
+        #[arg(long, default_value_t = 10)]
+        restarts: u32,
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds of load between restarts.
+        #[arg(long, default_value_t = 5.0)]
+        up_s: f64,
+        /// Seconds the node stays down.
+        #[arg(long, default_value_t = 2.0)]
+        down_s: f64,
+        #[arg(long, default_value_t = 5690)]
+        amqp_port: u16,
+    },
+    /// Steady load with the decision log and the DLQ on; RSS and open fds start vs end.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        duration: u64,
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        sample_every_s: u64,
+        #[arg(long, default_value_t = 30)]
+        warmup_s: u64,
+        #[arg(long, default_value = loadtests::chaos::SHARED_AMQP)]
+        amqp_url: String,
+    },
+}
+
+fn chaos(run: ChaosCmd, proxy_bin: PathBuf, out: PathBuf) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (name, ok, json) = match run {
+        ChaosCmd::Kill9 {
+            loops,
+            clients,
+            kill_min_ms,
+            kill_max_ms,
+            amqp_url,
+        } => {
+            let r = rt.block_on(loadtests::chaos::kill9(&loadtests::chaos::Kill9Args {
+                proxy_bin,
+                loops,
+                clients,
+                kill_after_ms: (kill_min_ms, kill_max_ms),
+                amqp_url,
+                work_dir: out.join(format!("{stamp}-kill9")),
+                drain_within: Duration::from_secs(300),
+            }))?;
+            ("kill9", r.ok, serde_json::to_string_pretty(&r)?)
+        }
+        ChaosCmd::Broker {
+            restarts,
+            rate,
+            clients,
+            up_s,
+            down_s,
+            amqp_port,
+        } => {
+            let r = rt.block_on(loadtests::chaos::broker(&loadtests::chaos::BrokerArgs {
+                proxy_bin,
+                restarts,
+                rate,
+                clients,
+                up: Duration::from_secs_f64(up_s),
+                down: Duration::from_secs_f64(down_s),
+                amqp_port,
+                work_dir: out.join(format!("{stamp}-broker")),
+                drain_within: Duration::from_secs(300),
+            }))?;
+            ("broker", r.ok, serde_json::to_string_pretty(&r)?)
+        }
+        ChaosCmd::Soak {
+            duration,
+            rate,
+            sample_every_s,
+            warmup_s,
+            amqp_url,
+        } => {
+            let r = rt.block_on(loadtests::chaos::soak(&loadtests::chaos::SoakArgs {
+                proxy_bin,
+                duration: Duration::from_secs(duration),
+                rate,
+                amqp_url,
+                work_dir: out.join(format!("{stamp}-soak")),
+                sample_every: Duration::from_secs(sample_every_s),
+                warmup: Duration::from_secs(warmup_s),
+            }))?;
+            ("soak", r.ok, serde_json::to_string_pretty(&r)?)
+        }
+    };
+    std::fs::create_dir_all(&out)?;
+    let path = out.join(format!("{stamp}-{name}.json"));
+    std::fs::write(&path, &json)?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{json}");
+    }
+    eprintln!(
+        "chaos {name}: {} (report {})",
+        if ok { "PASS" } else { "FAIL" },
+        path.display()
+    );
+    anyhow::ensure!(ok, "chaos {name}: an invariant failed");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Chaos {
+            run,
+            proxy_bin,
+            out,
+        } => chaos(run, proxy_bin, out)?,
         Cmd::Run {
             scenarios,
             proxy_bin,

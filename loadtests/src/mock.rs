@@ -1,6 +1,7 @@
 //! A mock AI service with faults injected at run time: added latency (fixed or a
-//! distribution), error rate, the next N failing, hang, connection reset, outage (port
-//! closed) and a reported model version that can change mid-run.
+//! distribution), error rate, the next N failing, hang, connection reset (before answering,
+//! or mid-response: headers and part of the body, then a TCP RST), outage (port closed)
+//! and a reported model version that can change mid-run.
 //!
 //! In-process for tests (`MockAi::start().await.fail_next(5, 503)`), or as the `mock-ai`
 //! binary controlled over HTTP on the same port (`POST /__mock/faults`).
@@ -54,6 +55,8 @@ pub struct Faults {
     pub fail_next_status: Option<u16>,
     pub hang: Option<bool>,
     pub reset: Option<bool>,
+    /// Answer 200 with headers and part of the body, then reset the connection.
+    pub reset_mid_body: Option<bool>,
     pub model_version: Option<String>,
     /// Close the port for this many seconds (connections refused), then reopen it.
     pub outage_s: Option<f64>,
@@ -75,6 +78,7 @@ struct Settings {
     fail_next_status: u16,
     hang: bool,
     reset: bool,
+    reset_mid_body: bool,
     model_version: String,
 }
 
@@ -214,6 +218,13 @@ impl MockAi {
         self.with(|s| s.reset = on);
     }
 
+    /// Answer 200 with the headers (a `content-length` of the whole answer) and part of
+    /// the body, then drop the connection: with a TCP RST for connections accepted while
+    /// this is on (zero linger), with a FIN for ones already open.
+    pub fn reset_mid_body(&self, on: bool) {
+        self.with(|s| s.reset_mid_body = on);
+    }
+
     pub fn set_model_version(&self, v: &str) {
         self.with(|s| s.model_version = v.to_string());
     }
@@ -227,6 +238,7 @@ impl MockAi {
             s.fail_next = 0;
             s.hang = false;
             s.reset = false;
+            s.reset_mid_body = false;
         });
     }
 
@@ -344,6 +356,9 @@ fn apply_faults(state: &State, f: &Faults) {
     if let Some(r) = f.reset {
         s.reset = r;
     }
+    if let Some(r) = f.reset_mid_body {
+        s.reset_mid_body = r;
+    }
     if let Some(v) = &f.model_version {
         s.model_version = v.clone();
     }
@@ -383,6 +398,10 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
+        if state.settings.lock().is_ok_and(|s| s.reset_mid_body) {
+            // Closing a zero-linger socket sends RST, not FIN.
+            let _ = stream.set_zero_linger();
+        }
         let state = state.clone();
         let tls = tls.clone();
         let conns = state.conns.lock().map(|c| c.clone()).unwrap_or_default();
@@ -481,7 +500,7 @@ async fn handle(
         });
     }
 
-    let (delay, fail, hang, reset, version) = {
+    let (delay, fail, hang, reset, mid_body, version) = {
         let Ok(mut s) = state.settings.lock() else {
             return Ok(full(500, "text/plain", "mock state poisoned"));
         };
@@ -497,7 +516,14 @@ async fn handle(
         } else {
             None
         };
-        (delay, fail, s.hang, s.reset, s.model_version.clone())
+        (
+            delay,
+            fail,
+            s.hang,
+            s.reset,
+            s.reset_mid_body,
+            s.model_version.clone(),
+        )
     };
     if reset {
         // An error from the service makes hyper close the connection without answering.
@@ -505,6 +531,9 @@ async fn handle(
             std::io::ErrorKind::ConnectionReset,
             "injected reset",
         ));
+    }
+    if mid_body {
+        return Ok(cut_short(&version));
     }
     if hang {
         std::future::pending::<()>().await;
@@ -525,6 +554,42 @@ async fn handle(
         resp.headers_mut().insert("x-model-version", v);
     }
     Ok(resp)
+}
+
+/// 200 with `content-length: 4096` and the first 100 bytes; then the body fails, which
+/// makes hyper drop the connection mid-response.
+fn cut_short(version: &str) -> http::Response<Body> {
+    // The pause lets hyper flush the head and the first bytes before the failure.
+    let frames = futures_util::stream::unfold(0u8, |step| async move {
+        match step {
+            0 => Some((Ok(http_body::Frame::data(Bytes::from(vec![b' '; 100]))), 1)),
+            1 => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "injected mid-response reset",
+                    )),
+                    2,
+                ))
+            }
+            _ => None,
+        }
+    });
+    let mut resp = http::Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from_static("4096"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(version) {
+        h.insert("x-model-version", v);
+    }
+    resp
 }
 
 async fn route(
@@ -625,6 +690,7 @@ fn control(state: &State, what: &str, body: &Bytes) -> http::Response<Body> {
                 s.fail_next = 0;
                 s.hang = false;
                 s.reset = false;
+                s.reset_mid_body = false;
             }
             full(200, "application/json", "{\"ok\":true}")
         }

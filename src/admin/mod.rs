@@ -666,12 +666,23 @@ fn readyz(state: &AdminState) -> http::Response<ProxyBody> {
     if state.audit.as_ref().is_some_and(|a| !a.is_healthy()) {
         problems.push("the decision log cannot write (disk full or I/O error)".to_string());
     }
-    if problems.is_empty() {
+    // Degraded, not unready: the fallback still answers, only the DLQ refuses new
+    // messages (`x-breakwater-dlq: rejected`). Taking the pod out of traffic would not
+    // give the spool room; an alert on `degraded` (or on the rejected counter) should.
+    let degraded: Vec<String> = state
+        .dlq
+        .as_ref()
+        .and_then(|d| d.spool_rejecting())
+        .into_iter()
+        .collect();
+    if problems.is_empty() && degraded.is_empty() {
         json_response(StatusCode::OK, json!({"ready": true}))
+    } else if problems.is_empty() {
+        json_response(StatusCode::OK, json!({"ready": true, "degraded": degraded}))
     } else {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ready": false, "problems": problems}),
+            json!({"ready": false, "problems": problems, "degraded": degraded}),
         )
     }
 }

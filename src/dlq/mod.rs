@@ -153,6 +153,11 @@ impl DlqHandle {
         routes.entry(route.to_string()).or_default().clone()
     }
 
+    /// Why the spool rejects new messages, while it does (readiness: degraded).
+    pub fn spool_rejecting(&self) -> Option<String> {
+        self.inner.writer.state.rejecting()
+    }
+
     /// Spools the message; returns once it is fsync'd (`spooled`), or confirmed by
     /// RabbitMQ within `queued_wait` (`queued`), or could not be kept (`rejected`).
     pub async fn enqueue(&self, env: &Envelope) -> DlqOutcome {

@@ -75,11 +75,42 @@ pub struct SpoolState {
     pub confirmed: tokio::sync::watch::Sender<Position>,
     /// Creation time of the oldest record not yet handed on (unix ms), 0 when empty.
     pub oldest_ms: AtomicU64,
+    /// Why the last append was refused, until one succeeds (or, for the spool's own size
+    /// bound, until a drained segment frees room): readiness reports it as degraded.
+    rejecting: Mutex<Option<Rejecting>>,
+}
+
+#[derive(Debug, Clone)]
+enum Rejecting {
+    /// `spool_max_bytes` reached.
+    Full { max: u64 },
+    /// The disk refused the write (full, read-only, I/O error).
+    Io(String),
 }
 
 impl SpoolState {
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Why new messages are being rejected, if they are (the last append failed).
+    pub fn rejecting(&self) -> Option<String> {
+        let r = self.rejecting.lock().ok()?.clone()?;
+        Some(match r {
+            Rejecting::Full { max } => format!(
+                "the DLQ spool is full ({} of {max} bytes): new messages are rejected",
+                self.bytes()
+            ),
+            Rejecting::Io(e) => {
+                format!("the DLQ spool cannot write ({e}): new messages are rejected")
+            }
+        })
+    }
+
+    fn set_rejecting(&self, r: Option<Rejecting>) {
+        if let Ok(mut g) = self.rejecting.lock() {
+            *g = r;
+        }
     }
 
     pub fn segment_count(&self) -> usize {
@@ -540,6 +571,7 @@ pub fn open(settings: SpoolSettings) -> Result<(SpoolWriter, Recovery), SpoolErr
         appended: Notify::new(),
         confirmed,
         oldest_ms: AtomicU64::new(0),
+        rejecting: Mutex::new(None),
     });
     metrics::gauge!(telemetry::DLQ_SPOOL_BYTES).set(bytes as f64);
     let (tx, rx) = mpsc::channel(4096);
@@ -648,6 +680,9 @@ impl Writer {
                 }
                 let rec_len = (HEADER + a.payload.len()) as u64;
                 if used + rec_len > self.settings.max_bytes {
+                    self.state.set_rejecting(Some(Rejecting::Full {
+                        max: self.settings.max_bytes,
+                    }));
                     let _ = a.reply.send(Err(SpoolError::Full {
                         used,
                         max: self.settings.max_bytes,
@@ -668,6 +703,7 @@ impl Writer {
                 .and_then(|_| self.file.sync_data())
             {
                 Ok(()) => {
+                    self.state.set_rejecting(None);
                     self.size += buf.len() as u64;
                     let total = self
                         .state
@@ -696,6 +732,7 @@ impl Writer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "DLQ spool write failed: these messages are rejected");
+                    self.state.set_rejecting(Some(Rejecting::Io(e.to_string())));
                     let _ = self.file.set_len(self.size);
                     for (a, _) in batch.drain(..) {
                         let _ = a.reply.send(Err(SpoolError::Io(std::io::Error::new(
@@ -790,6 +827,12 @@ impl SpoolReader {
                 Some(b.saturating_sub(len))
             });
         metrics::gauge!(telemetry::DLQ_SPOOL_BYTES).set(self.state.bytes() as f64);
+        // Room was freed: the size bound may take messages again.
+        if let Ok(mut r) = self.state.rejecting.lock() {
+            if matches!(*r, Some(Rejecting::Full { .. })) {
+                *r = None;
+            }
+        }
         Ok(())
     }
 

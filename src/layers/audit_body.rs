@@ -4,6 +4,8 @@
 //! until the record is handed over, for at most `[audit] block_timeout_ms`: backpressure
 //! with a bound. A body dropped meanwhile hands its record on through the submission's
 //! drop, so no record is ever lost uncounted. The request path never waits on the disk.
+//! An upstream body that fails mid-way (the AI reset the connection) is recorded as
+//! `outcome: error`, `reason: connect_error`, with the status that was sent.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -111,7 +113,19 @@ impl Body for AuditBody {
                 (Some(frame), last)
             }
             Poll::Ready(None) => (None, true),
-            other => return other,
+            Poll::Ready(Some(Err(e))) => {
+                // The AI cut the answer short: the client got the head and part of the
+                // body, never a whole answer. Recorded as an error at once.
+                if let Some(p) = this.pending.as_mut() {
+                    p.record.outcome = "error";
+                    p.record.reason = Some("connect_error".into());
+                }
+                if let Some(entry) = finish(this.pending, this.digest, this.handle) {
+                    this.handle.submit_now(entry);
+                }
+                return Poll::Ready(Some(Err(e)));
+            }
+            Poll::Pending => return Poll::Pending,
         };
         if !ended {
             return Poll::Ready(frame.map(Ok));

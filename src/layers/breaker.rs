@@ -4,18 +4,26 @@
 //!
 //! Sits inside the retry layer (each attempt is judged) and outside the bulkhead (a request
 //! the bulkhead sheds says nothing about the AI's health).
+//!
+//! A streamed answer (its body not read whole by a layer below) is judged when its body
+//! ends, not when its head arrives: an AI that cuts the connection mid-response fails the
+//! call, as a buffered answer's cut body does in `forward`.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::breaker::{BreakerSettings, BreakerState, CallOutcome, CircuitBreaker, Mode, Permit};
 use crate::exchange::error::{ErrorKind, ProxyError};
-use crate::exchange::{ProxyRequest, ProxyResponse};
+use crate::exchange::{BoxError, ProxyBody, ProxyRequest, ProxyResponse};
 use crate::telemetry;
 
 /// A breaker shared by every request of a route (or variant), kept across reloads while its
@@ -237,9 +245,75 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            guard.finish(outcome_of(&result));
-            result
+            let outcome = outcome_of(&result);
+            match result {
+                Ok(mut resp) if resp.body_bytes.is_none() && !resp.http.body().is_end_stream() => {
+                    // Judged when the body ends: the permit travels with it.
+                    let body = std::mem::replace(
+                        resp.http.body_mut(),
+                        crate::exchange::full_body(Bytes::new()),
+                    );
+                    *resp.http.body_mut() = BodyExt::boxed(JudgedBody {
+                        inner: body,
+                        guard: Some(guard),
+                        outcome,
+                    });
+                    Ok(resp)
+                }
+                result => {
+                    guard.finish(outcome);
+                    result
+                }
+            }
         })
+    }
+}
+
+pin_project! {
+    /// A streamed answer's body holding its breaker permit. The end of the body reports the
+    /// status's verdict; a body error (the AI cut the connection) reports a failure;
+    /// dropped before either (the client went away), the permit guard decides (a timeout
+    /// when past the deadline, else nothing).
+    struct JudgedBody {
+        #[pin]
+        inner: ProxyBody,
+        guard: Option<PermitGuard>,
+        outcome: Option<CallOutcome>,
+    }
+}
+
+impl Body for JudgedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let verdict = match &polled {
+            Poll::Ready(None) => Some(*this.outcome),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => Some(*this.outcome),
+            Poll::Ready(Some(Err(_))) => Some(Some(CallOutcome::Failure(
+                crate::breaker::FailureKind::ConnectError,
+            ))),
+            _ => None,
+        };
+        if let Some(outcome) = verdict {
+            if let Some(guard) = this.guard.take() {
+                guard.finish(outcome);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -332,5 +406,47 @@ mod tests {
                 .await;
         }
         assert_eq!(breaker.state(Instant::now()), BreakerState::Closed);
+    }
+
+    /// A streamed body: one frame, then either the end or an error.
+    fn streamed(fail: bool) -> ProxyBody {
+        let frames = futures_util::stream::iter([
+            Ok(Frame::data(Bytes::from_static(b"part"))),
+            if fail {
+                Err(BoxError::from("connection reset"))
+            } else {
+                Ok(Frame::data(Bytes::from_static(b"rest")))
+            },
+        ]);
+        BodyExt::boxed(http_body_util::StreamBody::new(frames))
+    }
+
+    async fn call_and_read(breaker: &Arc<SharedBreaker>, fail: bool) -> bool {
+        let svc = BreakerLayer::new(breaker.clone()).layer(tower::service_fn(
+            move |_r: ProxyRequest| async move {
+                Ok::<_, ProxyError>(ProxyResponse::ai(http::Response::new(streamed(fail))))
+            },
+        ));
+        let resp = svc
+            .oneshot(test_request(Duration::from_secs(1)))
+            .await
+            .unwrap();
+        resp.http.into_body().collect().await.is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_body_cut_short_is_a_failure_and_one_read_to_the_end_a_success() {
+        let breaker = SharedBreaker::new("t", None, settings());
+        assert!(!call_and_read(&breaker, true).await);
+        let s = breaker.stats(Instant::now()).unwrap();
+        assert_eq!(s.consecutive_failures, 1, "{s:?}");
+        assert!(call_and_read(&breaker, false).await);
+        assert_eq!(
+            breaker.stats(Instant::now()).unwrap().consecutive_failures,
+            0
+        );
+        assert!(!call_and_read(&breaker, true).await);
+        assert!(!call_and_read(&breaker, true).await);
+        assert_eq!(breaker.state(Instant::now()), BreakerState::Open);
     }
 }
