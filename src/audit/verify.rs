@@ -31,7 +31,7 @@ pub struct VerifyError {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
     pub files: usize,
     pub records: u64,
@@ -119,8 +119,17 @@ fn verify_file(path: &Path, report: &mut VerifyReport) -> Result<(), VerifyError
         problem: Problem::Malformed,
         detail: e.to_string(),
     })?;
+    verify_bytes(&path.display().to_string(), &bytes, report)
+}
+
+/// Checks the lines of one file (named `file` in errors), continuing the chain in `report`.
+pub(crate) fn verify_bytes(
+    file: &str,
+    bytes: &[u8],
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
     let fail = |line: usize, seq: Option<u64>, problem: Problem, detail: String| VerifyError {
-        file: path.display().to_string(),
+        file: file.to_string(),
         line,
         seq,
         problem,

@@ -240,7 +240,9 @@ async fn replay_once(proxy: &Proxy, env: &Envelope) -> Result<ReplayAnswer, Repl
 
 /// The stored request, with `Idempotency-Key` = the message id (the AI deduplicates on it)
 /// and the original `x-request-id`, each exactly once.
-fn rebuild_request(env: &Envelope) -> Result<http::Request<bytes::Bytes>, ReplayFailure> {
+pub(crate) fn rebuild_request(
+    env: &Envelope,
+) -> Result<http::Request<bytes::Bytes>, ReplayFailure> {
     let body = env
         .body()
         .map_err(|e| fail(format!("bad body: {e}"), false))?;
