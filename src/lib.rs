@@ -18,6 +18,9 @@ pub(crate) mod dlq;
 pub(crate) mod events;
 pub(crate) mod exchange;
 pub(crate) mod fallback;
+/// Entry points for the `cargo fuzz` targets in `fuzz/`: not a stable API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod layers;
 pub(crate) mod private_fs;
 pub(crate) mod proxy;

@@ -31,7 +31,7 @@ pub struct VerifyError {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
     pub files: usize,
     pub records: u64,
@@ -119,8 +119,17 @@ fn verify_file(path: &Path, report: &mut VerifyReport) -> Result<(), VerifyError
         problem: Problem::Malformed,
         detail: e.to_string(),
     })?;
+    verify_bytes(&path.display().to_string(), &bytes, report)
+}
+
+/// Checks the lines of one file (named `file` in errors), continuing the chain in `report`.
+pub(crate) fn verify_bytes(
+    file: &str,
+    bytes: &[u8],
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
     let fail = |line: usize, seq: Option<u64>, problem: Problem, detail: String| VerifyError {
-        file: path.display().to_string(),
+        file: file.to_string(),
         line,
         seq,
         problem,
@@ -180,7 +189,8 @@ fn verify_file(path: &Path, report: &mut VerifyReport) -> Result<(), VerifyError
             }
         }
         if let Some(n) = p.records_lost {
-            report.records_lost += n;
+            // Saturating: a crafted chain must not overflow the sum.
+            report.records_lost = report.records_lost.saturating_add(n);
             report.loss_events.push(p.seq);
         }
         report.first_seq.get_or_insert(p.seq);
@@ -213,4 +223,46 @@ pub fn find_request(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record line as the writer chains it: canonical bytes, then the hash field.
+    fn chained(fields: &str, prev: &str) -> (String, String) {
+        let canonical = format!("{{{fields},\"prev_hash\":\"{prev}\"}}");
+        let hash = chain_hash(prev, canonical.as_bytes());
+        let line = format!(
+            "{},\"hash\":\"{hash}\"}}",
+            &canonical[..canonical.len() - 1]
+        );
+        (line, hash)
+    }
+
+    /// Found by fuzz/audit_line: `records_lost` counts were summed unchecked, so a chain
+    /// whose counts add past u64::MAX panicked `audit verify` (debug) or wrapped to a small
+    /// number (release).
+    #[test]
+    fn loss_counts_past_u64_max_saturate_instead_of_overflowing() {
+        let mut prev = "0".repeat(64);
+        let mut log = String::new();
+        for seq in 0..2 {
+            let (line, hash) = chained(
+                &format!(
+                    "\"seq\":{seq},\"event\":\"records_lost\",\"detail\":{{\"count\":{}}}",
+                    u64::MAX
+                ),
+                &prev,
+            );
+            log.push_str(&line);
+            log.push('\n');
+            prev = hash;
+        }
+        let mut report = VerifyReport::default();
+        verify_bytes("t.jsonl", log.as_bytes(), &mut report).unwrap();
+        assert_eq!(report.records, 2);
+        assert_eq!(report.records_lost, u64::MAX);
+        assert_eq!(report.loss_events, vec![0, 1]);
+    }
 }

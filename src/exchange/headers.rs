@@ -28,12 +28,12 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Read as bytes: one non-ASCII byte elsewhere in the value must not hide a name.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -63,11 +63,20 @@ pub fn prepare_upstream_headers(
 ) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
-    let ip = client_ip.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    // Several `x-forwarded-for` fields are one list (RFC 9110 §5.3): keep all of it.
+    let mut xff = String::new();
+    for prev in headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        xff.push_str(prev);
+        xff.push_str(", ");
+    }
+    xff.push_str(&client_ip.to_string());
+    // Always valid: visible-ASCII values, ", " and an address.
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
@@ -75,9 +84,11 @@ pub fn prepare_upstream_headers(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(X_FORWARDED_HOST.clone(), v);
-    }
+    // Ours or none: a client's own `x-forwarded-host` never passes as if we had set it.
+    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        Some(v) => headers.insert(X_FORWARDED_HOST.clone(), v),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(X_REQUEST_ID.clone(), v);
     }
@@ -101,6 +112,49 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+    }
+
+    /// Found by fuzz/headers: one non-ASCII byte (obs-text) in a `Connection` value made
+    /// the whole value unreadable as text, so the headers it names reached the upstream.
+    #[test]
+    fn headers_named_by_a_connection_value_with_obs_text_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"X-Secret-Hop, caf\xe9").unwrap(),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-secret-hop"), "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    /// Found by fuzz/headers: without a host to report, the client's own
+    /// `x-forwarded-host` went to the upstream as if breakwater had set it.
+    #[test]
+    fn a_client_supplied_forwarded_host_never_passes_when_there_is_no_host() {
+        for host in [None, Some("bad\u{1}host")] {
+            let mut h = HeaderMap::new();
+            h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+            prepare_upstream_headers(&mut h, "127.0.0.1".parse().unwrap(), false, host, "r");
+            assert!(!h.contains_key(&X_FORWARDED_HOST), "{host:?}: {h:?}");
+        }
+    }
+
+    /// Found by fuzz/headers: of several `x-forwarded-for` fields only the first was kept,
+    /// so the upstream lost the rest of the chain (RFC 9110 §5.3: they are one list).
+    #[test]
+    fn every_forwarded_for_field_stays_in_the_chain() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
+        prepare_upstream_headers(&mut h, "127.0.0.1".parse().unwrap(), false, None, "r");
+        let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(all, ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]);
     }
 
     #[test]

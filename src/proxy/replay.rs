@@ -277,7 +277,9 @@ async fn replay_once(
 
 /// The stored request, with `Idempotency-Key` = the message id (the AI deduplicates on it)
 /// and the original `x-request-id`, each exactly once.
-fn rebuild_request(env: &Envelope) -> Result<http::Request<bytes::Bytes>, ReplayFailure> {
+pub(crate) fn rebuild_request(
+    env: &Envelope,
+) -> Result<http::Request<bytes::Bytes>, ReplayFailure> {
     let body = env
         .body()
         .map_err(|e| fail(format!("bad body: {e}"), false))?;
@@ -289,11 +291,18 @@ fn rebuild_request(env: &Envelope) -> Result<http::Request<bytes::Bytes>, Replay
             req = req.header(k.as_str(), v.as_str());
         }
     }
-    req.header("idempotency-key", env.msg_id.as_str())
+    let mut req = req
+        .header("idempotency-key", env.msg_id.as_str())
         .header("x-request-id", env.request_id.as_str())
         .header("x-breakwater-replay", "1")
         .body(body)
-        .map_err(|e| fail(format!("cannot rebuild the request: {e}"), false))
+        .map_err(|e| fail(format!("cannot rebuild the request: {e}"), false))?;
+    // A message edited in the spool or on the broker (or written by an older version) may
+    // carry headers that frame the original hop: the client sets its own.
+    crate::exchange::headers::strip_hop_by_hop(req.headers_mut());
+    req.headers_mut().remove(http::header::CONTENT_LENGTH);
+    req.headers_mut().remove(http::header::HOST);
+    Ok(req)
 }
 
 enum Fetched {
@@ -352,6 +361,44 @@ mod tests {
             "body_b64": "e30=", "model_version_requested": null
         }))
         .unwrap()
+    }
+
+    /// Found by fuzz/envelope: stored `Connection`, `Transfer-Encoding`, `Content-Length`
+    /// and `Host` headers were replayed as they were, framing the replay by the original
+    /// hop (a `Content-Length` that does not match the stored body, a chunked encoding).
+    #[test]
+    fn a_replay_carries_no_stored_hop_or_framing_header() {
+        let mut env = envelope();
+        env.headers = [
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "999"),
+            ("host", "elsewhere.example"),
+            ("te", "trailers"),
+            ("x-keep", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let req = rebuild_request(&env).unwrap();
+        for gone in [
+            "connection",
+            "x-hop",
+            "transfer-encoding",
+            "content-length",
+            "host",
+            "te",
+        ] {
+            assert!(
+                !req.headers().contains_key(gone),
+                "{gone}: {:?}",
+                req.headers()
+            );
+        }
+        assert_eq!(req.headers()["x-keep"], "1");
+        assert_eq!(req.headers()["idempotency-key"], "m-1");
+        assert_eq!(req.body().as_ref(), b"{}");
     }
 
     #[tokio::test(start_paused = true)]
