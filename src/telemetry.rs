@@ -37,6 +37,8 @@ pub const MODEL_VERSION_ERRORS: &str = "breakwater_model_version_errors_total";
 pub const DEGRADED_SECONDS: &str = "breakwater_degraded_seconds";
 pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
+pub const RESPONSE_BUFFER_BYTES: &str = "breakwater_response_buffer_bytes";
+pub const RESPONSE_WRITE_TIMEOUTS: &str = "breakwater_response_write_timeouts_total";
 
 /// Distinct model-version label values kept before the rest are folded into "other".
 const MAX_MODEL_VERSIONS: usize = 64;
@@ -82,6 +84,14 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Open client connections, by listener (data|admin)"
+    );
+    describe_gauge!(
+        RESPONSE_BUFFER_BYTES,
+        "Response bytes read ahead of slow clients, held in memory (at most server.response_buffer_bytes)"
+    );
+    describe_counter!(
+        RESPONSE_WRITE_TIMEOUTS,
+        "Connections dropped because the client accepted no bytes within server.response_write_timeout_ms"
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

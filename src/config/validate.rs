@@ -13,6 +13,8 @@ use super::raw::*;
 use super::*;
 
 const MIB: u64 = 1024 * 1024;
+/// Read-ahead of all responses together: 64 answers of 1 MiB, a bounded share of RSS.
+const DEFAULT_RESPONSE_BUFFER_BYTES: u64 = 64 * MIB;
 
 struct Errors(Vec<ConfigError>);
 
@@ -153,6 +155,8 @@ fn unreachable_server() -> ServerConfig {
         admin_listen: ([127, 0, 0, 1], 0).into(),
         max_body_bytes: MIB,
         max_response_buffer_bytes: 4 * MIB,
+        response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
+        response_write_timeout: Duration::from_secs(30),
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         body_read_timeout: Duration::from_secs(10),
@@ -203,6 +207,15 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         ),
     );
     let max_response_buffer_bytes = s.max_response_buffer_bytes.unwrap_or(4 * MIB);
+    let response_buffer_bytes = s
+        .response_buffer_bytes
+        .unwrap_or(DEFAULT_RESPONSE_BUFFER_BYTES);
+    let response_write_timeout = positive_ms(
+        e,
+        s.response_write_timeout_ms,
+        30_000,
+        "server.response_write_timeout_ms",
+    );
     let header_read_timeout = positive_ms(
         e,
         s.header_read_timeout_ms,
@@ -250,6 +263,8 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         admin_listen: admin_listen?,
         max_body_bytes,
         max_response_buffer_bytes,
+        response_buffer_bytes,
+        response_write_timeout,
         header_read_timeout,
         idle_timeout,
         body_read_timeout,
