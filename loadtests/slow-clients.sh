@@ -106,10 +106,11 @@ attack() {
   local closed maxconn
   closed=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/slow-$mode.log" | grep -oE 'closed:[[:space:]]*[0-9]+' | tail -1 | grep -oE '[0-9]+$' || echo "?")
   maxconn=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/slow-$mode.log" | grep -oE 'connected:[[:space:]]*[0-9]+' | grep -oE '[0-9]+$' | sort -n | tail -1 || echo "?")
-  cp "$WORK/slow-$mode.log" "/tmp/slow-clients-last-$mode.log" 2>/dev/null || true
-  printf 'slowhttptest -%s conns=%s duration=%ss: RSS before %d MiB, peak %d MiB (+%d), after %d MiB; upstream conns peak %d; attack conns connected peak %s, closed by server at end %s; normal %d/%d ok, worst %ss\n' \
+  local ended
+  ended=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/slow-$mode.log" | grep -E '^(Test ended|Exit status)' | tr '\n' ' ')
+  printf 'slowhttptest -%s conns=%s duration=%ss: RSS before %d MiB, peak %d MiB (+%d), after %d MiB; upstream conns peak %d; attack conns connected peak %s, closed at last status %s (%s); normal %d/%d ok, worst %ss\n' \
     "$mode" "$CONNS" "$DURATION" $((before / 1024)) $((peak / 1024)) $(((peak - before) / 1024)) $((after / 1024)) \
-    "$conns_peak" "$maxconn" "$closed" "$ok" "$total" "$worst"
+    "$conns_peak" "$maxconn" "$closed" "$ended" "$ok" "$total" "$worst"
   awk '$1 != 200' "$WORK/normal-$mode.txt" | sort | uniq -c | head -5 | sed 's/^/  failed normal: /'
 }
 

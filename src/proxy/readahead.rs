@@ -277,7 +277,7 @@ impl Body for ReadAhead {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
