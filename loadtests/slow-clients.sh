@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Slow clients against breakwater with Debian's slowhttptest (apt package `slowhttptest`):
 # slowloris (-H), slow body (-B) and slow read (-X, a 1 MiB answer read a few bytes at a
-# time), each with CONNS connections, while a loop of normal requests runs alongside.
+# time; X8 the same with an 8 MiB answer, more than the kernel buffers per connection),
+# each with CONNS connections, while a loop of normal requests runs alongside.
 # Prints, per attack: breakwater's RSS before / peak / after, the most upstream connections
 # to the mock AI held at once, and the normal requests' success rate and worst latency.
 # Everything stays on 127.0.0.1 and each attack stops by itself after DURATION seconds.
-#   loadtests/slow-clients.sh [H|B|X|all] (env: CONNS=500 DURATION=60 EXTRA_SERVER="...")
+#   loadtests/slow-clients.sh [H|B|X|X8|all] (env: CONNS=500 DURATION=60 EXTRA_SERVER="...")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODES=${1:-all}
@@ -73,6 +74,8 @@ attack() {
     H) url="http://127.0.0.1:$PORT/v1/normal"; args=(-H -i 5 -x 24) ;;
     B) url="http://127.0.0.1:$PORT/v1/normal"; args=(-B -i 5 -x 24 -s 65536) ;;
     X) url="http://127.0.0.1:$PORT/bytes/1048576"; args=(-X -k 1 -n 1 -w 1 -y 512 -z 5) ;;
+    # 8 MiB: more than the kernel buffers per connection, so breakwater's own bounds act.
+    X8) url="http://127.0.0.1:$PORT/bytes/8388608"; args=(-X -k 1 -n 1 -w 1 -y 512 -z 5) ;;
   esac
   local before peak=0 conns_peak=0 after
   before=$(rss_kb)

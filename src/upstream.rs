@@ -19,8 +19,9 @@ use crate::exchange::error::ErrorKind;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// The most one upstream HTTP/1 connection reads ahead (and the largest answer head).
-const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+/// The most one upstream HTTP/1 connection reads ahead (and the largest answer head: AI
+/// answers carry a few headers; nginx reads client heads in 8 KiB buffers).
+const UPSTREAM_READ_BUFFER: usize = 32 * 1024;
 
 /// A named upstream with its connection pool.
 #[derive(Clone, Debug)]

@@ -13,8 +13,8 @@ use super::raw::*;
 use super::*;
 
 const MIB: u64 = 1024 * 1024;
-/// Read-ahead of all responses together: 64 answers of 1 MiB, a bounded share of RSS.
-const DEFAULT_RESPONSE_BUFFER_BYTES: u64 = 64 * MIB;
+/// Read-ahead of all responses together: 32 answers of 1 MiB, a bounded share of RSS.
+const DEFAULT_RESPONSE_BUFFER_BYTES: u64 = 32 * MIB;
 
 struct Errors(Vec<ConfigError>);
 
@@ -1078,6 +1078,31 @@ mod vary_tests {
         assert!(
             err.to_string()
                 .contains("routes[0].fallback[0].vary_headers[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn slow_client_bounds_have_safe_defaults_and_a_zero_write_timeout_is_an_error() {
+        let with = |keys: &str| {
+            Config::from_toml(&format!(
+                "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n{keys}\n\
+                 [upstreams.a]\nurl=\"http://127.0.0.1:1\"\n\
+                 [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\n"
+            ))
+        };
+        let cfg = with("").unwrap();
+        assert_eq!(cfg.server.response_buffer_bytes, 32 * MIB);
+        assert_eq!(cfg.server.response_write_timeout, Duration::from_secs(30));
+        let cfg = with("response_buffer_bytes = 0\nresponse_write_timeout_ms = 250").unwrap();
+        assert_eq!(cfg.server.response_buffer_bytes, 0);
+        assert_eq!(
+            cfg.server.response_write_timeout,
+            Duration::from_millis(250)
+        );
+        let err = with("response_write_timeout_ms = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("server.response_write_timeout_ms"),
             "{err}"
         );
     }

@@ -28,7 +28,7 @@ use crate::exchange::{BoxError, ProxyBody};
 use crate::telemetry;
 
 /// Bytes of a streamed answer handed to the server and not yet written to the socket.
-const STREAM_WINDOW: u64 = 64 * 1024;
+const STREAM_WINDOW: u64 = 32 * 1024;
 
 /// The bytes all responses may hold read ahead of their clients.
 #[derive(Debug)]
