@@ -41,6 +41,8 @@ pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
 pub const AMQP_CONNECTED_NODE: &str = "breakwater_amqp_connected_node";
 pub const ADMIN_UNAUTHORIZED: &str = "breakwater_admin_unauthorized_total";
 pub const UPSTREAM_TLS_ERRORS: &str = "breakwater_upstream_tls_errors_total";
+pub const RESPONSE_BUFFER_BYTES: &str = "breakwater_response_buffer_bytes";
+pub const RESPONSE_WRITE_TIMEOUTS: &str = "breakwater_response_write_timeouts_total";
 
 /// Distinct model-version label values kept before the rest are folded into "other".
 const MAX_MODEL_VERSIONS: usize = 64;
@@ -96,6 +98,14 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Open client connections, by listener (data|admin)"
+    );
+    describe_gauge!(
+        RESPONSE_BUFFER_BYTES,
+        "Response bytes read ahead of slow clients, held in memory (at most server.response_buffer_bytes)"
+    );
+    describe_counter!(
+        RESPONSE_WRITE_TIMEOUTS,
+        "Connections dropped because the client accepted no bytes within server.response_write_timeout_ms"
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

@@ -19,6 +19,10 @@ use crate::exchange::error::ErrorKind;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// The most one upstream HTTP/1 connection reads ahead (and the largest answer head: AI
+/// answers carry a few headers; nginx reads client heads in 8 KiB buffers).
+const UPSTREAM_READ_BUFFER: usize = 32 * 1024;
+
 /// A named upstream with its connection pool.
 #[derive(Clone, Debug)]
 pub struct Upstream {
@@ -54,6 +58,10 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .http2_only(config.http2_prior_knowledge)
+            // hyper reads an answer in pieces as large as its buffer (some 400 KiB by
+            // default), each then held until the client takes it: a smaller buffer keeps
+            // a streamed answer's memory small. Answer heads must fit in it.
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             .build(connector);
         let prefix = format!(
             "{}://{}{}",

@@ -61,6 +61,11 @@ pub struct ServerConfig {
     pub admin_listen: std::net::SocketAddr,
     pub max_body_bytes: u64,
     pub max_response_buffer_bytes: u64,
+    /// All responses together hold at most this many bytes read ahead of their clients;
+    /// past it, answers stream at the client's pace.
+    pub response_buffer_bytes: u64,
+    /// A connection whose writes make no progress for this long is dropped.
+    pub response_write_timeout: Duration,
     pub header_read_timeout: Duration,
     /// Between requests on a kept-alive HTTP/1 connection, or with no open h2 stream.
     pub idle_timeout: Duration,

@@ -27,6 +27,8 @@ pub struct RawServer {
     pub admin_listen: Option<String>,
     pub max_body_bytes: Option<u64>,
     pub max_response_buffer_bytes: Option<u64>,
+    pub response_buffer_bytes: Option<u64>,
+    pub response_write_timeout_ms: Option<u64>,
     pub header_read_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
     pub body_read_timeout_ms: Option<u64>,

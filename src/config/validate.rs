@@ -15,6 +15,8 @@ use super::*;
 const MIB: u64 = 1024 * 1024;
 /// Loopback: the admin API is not reachable from the network unless the config says so.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Read-ahead of all responses together: 32 answers of 1 MiB, a bounded share of RSS.
+const DEFAULT_RESPONSE_BUFFER_BYTES: u64 = 32 * MIB;
 
 struct Errors(Vec<ConfigError>);
 
@@ -161,6 +163,8 @@ fn unreachable_server() -> ServerConfig {
         admin_listen: ([127, 0, 0, 1], 0).into(),
         max_body_bytes: MIB,
         max_response_buffer_bytes: 4 * MIB,
+        response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
+        response_write_timeout: Duration::from_secs(30),
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         body_read_timeout: Duration::from_secs(10),
@@ -212,6 +216,15 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         ),
     );
     let max_response_buffer_bytes = s.max_response_buffer_bytes.unwrap_or(4 * MIB);
+    let response_buffer_bytes = s
+        .response_buffer_bytes
+        .unwrap_or(DEFAULT_RESPONSE_BUFFER_BYTES);
+    let response_write_timeout = positive_ms(
+        e,
+        s.response_write_timeout_ms,
+        30_000,
+        "server.response_write_timeout_ms",
+    );
     let header_read_timeout = positive_ms(
         e,
         s.header_read_timeout_ms,
@@ -266,6 +279,8 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         admin_listen: admin_listen?,
         max_body_bytes,
         max_response_buffer_bytes,
+        response_buffer_bytes,
+        response_write_timeout,
         header_read_timeout,
         idle_timeout,
         body_read_timeout,
@@ -1132,6 +1147,31 @@ mod vary_tests {
         assert!(
             err.to_string()
                 .contains("routes[0].fallback[0].vary_headers[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn slow_client_bounds_have_safe_defaults_and_a_zero_write_timeout_is_an_error() {
+        let with = |keys: &str| {
+            Config::from_toml(&format!(
+                "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n{keys}\n\
+                 [upstreams.a]\nurl=\"http://127.0.0.1:1\"\n\
+                 [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\n"
+            ))
+        };
+        let cfg = with("").unwrap();
+        assert_eq!(cfg.server.response_buffer_bytes, 32 * MIB);
+        assert_eq!(cfg.server.response_write_timeout, Duration::from_secs(30));
+        let cfg = with("response_buffer_bytes = 0\nresponse_write_timeout_ms = 250").unwrap();
+        assert_eq!(cfg.server.response_buffer_bytes, 0);
+        assert_eq!(
+            cfg.server.response_write_timeout,
+            Duration::from_millis(250)
+        );
+        let err = with("response_write_timeout_ms = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("server.response_write_timeout_ms"),
             "{err}"
         );
     }

@@ -6,6 +6,9 @@
 //! drop, so no record is ever lost uncounted. The request path never waits on the disk.
 //! An upstream body that fails mid-way (the AI reset the connection) is recorded as
 //! `outcome: error`, `reason: connect_error`, with the status that was sent.
+//! A body cut off after it began (the client left mid-answer, or was dropped at
+//! `server.response_write_timeout_ms`) is recorded as `cancelled`, status 499: the client
+//! never had the whole answer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +20,10 @@ use pin_project_lite::pin_project;
 
 use crate::audit::{AuditHandle, Decision, DigestStream, Entry, Submission};
 use crate::exchange::{BoxError, ProxyBody};
+
+/// How a request whose client went away is recorded (nginx's "client closed request").
+pub(crate) const CANCELLED: &str = "cancelled";
+pub(crate) const CANCELLED_STATUS: u16 = 499;
 
 /// A record waiting for its body to end.
 pub struct Pending {
@@ -37,6 +44,8 @@ pin_project! {
         digest: Option<DigestStream>,
         pending: Option<Pending>,
         handing_over: Option<HandingOver>,
+        // A frame went out: a drop before the end cuts the answer short.
+        started: bool,
     }
 
     impl PinnedDrop for AuditBody {
@@ -44,7 +53,13 @@ pin_project! {
             let this = this.project();
             // The client went away before the end: record what was sent. (A hand-over in
             // progress passes its record on when `handing_over` drops.)
-            if let Some(entry) = finish(this.pending, this.digest, this.handle) {
+            if let Some(mut entry) = finish(this.pending, this.digest, this.handle) {
+                if *this.started {
+                    if let Entry::Decision(record) = &mut entry {
+                        record.outcome = CANCELLED;
+                        record.status = CANCELLED_STATUS;
+                    }
+                }
                 this.handle.submit_now(entry);
             }
         }
@@ -60,6 +75,7 @@ impl AuditBody {
             digest,
             pending: Some(pending),
             handing_over: None,
+            started: false,
         }
     }
 }
@@ -106,6 +122,7 @@ impl Body for AuditBody {
         }
         let (frame, ended) = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                *this.started = true;
                 if let (Some(d), Some(data)) = (this.digest.as_mut(), frame.data_ref()) {
                     d.update(data);
                 }

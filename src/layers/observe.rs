@@ -16,7 +16,7 @@ use metrics::{Counter, Histogram};
 use http::HeaderValue;
 use http_body_util::BodyExt;
 
-use super::audit_body::{AuditBody, Pending};
+use super::audit_body::{AuditBody, Pending, CANCELLED_STATUS};
 use super::breaker::SharedBreaker;
 use crate::audit::{AuditHandle, Decision, Entry};
 use bytes::Bytes;
@@ -452,9 +452,6 @@ impl AuditStart {
         }
     }
 }
-
-/// The status a cancelled request is recorded with (nginx's "client closed request").
-const CANCELLED_STATUS: u16 = 499;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {

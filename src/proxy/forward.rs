@@ -20,6 +20,8 @@ use crate::exchange::headers::strip_hop_by_hop;
 use crate::exchange::{full_body, BoxError, ProxyBody, ProxyRequest, ProxyResponse};
 use crate::upstream::Upstream;
 
+use super::readahead::{charged, read_ahead, Charge, ResponseBudget};
+
 /// Calls `upstream` for a route. Cheap to clone (one `Arc`): cloning the pooled client per
 /// request showed up in profiles.
 #[derive(Clone, Debug)]
@@ -34,6 +36,15 @@ struct ForwardInner {
     variant: Option<Arc<str>>,
     /// Read the whole body (up to this many bytes) when a layer needs it.
     buffer_limit: Option<u64>,
+    readahead: ReadAheadLimits,
+}
+
+/// How far an answer may be read ahead of its client (see `readahead`).
+#[derive(Debug, Clone)]
+pub struct ReadAheadLimits {
+    pub budget: Arc<ResponseBudget>,
+    /// `server.max_response_buffer_bytes`: the most one answer holds in memory.
+    pub per_response: u64,
 }
 
 impl Forward {
@@ -42,6 +53,7 @@ impl Forward {
         route: Arc<RouteConfig>,
         variant: Option<Arc<str>>,
         buffer_limit: Option<u64>,
+        readahead: ReadAheadLimits,
     ) -> Self {
         Forward {
             inner: Arc::new(ForwardInner {
@@ -49,6 +61,7 @@ impl Forward {
                 route,
                 variant,
                 buffer_limit,
+                readahead,
             }),
         }
     }
@@ -93,8 +106,11 @@ impl ForwardInner {
         strip_hop_by_hop(&mut parts.headers);
         let mut model_version = self.header_version(&parts.headers);
         let (body, body_bytes) = match self.buffer_limit {
-            Some(limit) => match collect_bounded(body, limit).await {
-                Ok(Collected::Whole(bytes)) => (full_body(bytes.clone()), Some(bytes)),
+            Some(limit) => match collect_bounded(body, limit, &self.readahead.budget).await {
+                Ok(Collected::Whole(bytes, charge)) => {
+                    // The client's copy holds the charge until the server has written it.
+                    (full_body(charged(bytes.clone(), charge)), Some(bytes))
+                }
                 Ok(Collected::TooBig(body)) => (body, None),
                 Err(e) => {
                     req.meta.attempt_answered(latency, model_version);
@@ -105,7 +121,10 @@ impl ForwardInner {
                     .into());
                 }
             },
-            None => (body.map_err(BoxError::from).boxed(), None),
+            None => (
+                read_ahead(body, &self.readahead.budget, self.readahead.per_response),
+                None,
+            ),
         };
         if model_version.is_none() {
             if let (Some(ptr), Some(bytes)) = (&self.route.model_version_pointer, &body_bytes) {
@@ -150,21 +169,34 @@ fn model_version_from_json(body: &[u8], pointer: &str) -> Option<String> {
 }
 
 pub enum Collected {
-    Whole(Bytes),
-    /// Over the limit: a body that replays what was read, then streams the rest.
+    /// The whole body, charged on the response budget.
+    Whole(Bytes, Charge),
+    /// Over the limit, or over the budget: a body that replays what was read, then
+    /// streams the rest.
     TooBig(ProxyBody),
 }
 
-/// Reads a body up to `limit` bytes without ever holding more than that in memory.
-pub async fn collect_bounded(mut body: Incoming, limit: u64) -> Result<Collected, hyper::Error> {
+/// Reads a body up to `limit` bytes without ever holding more than that in memory, nor
+/// more than `budget` grants.
+pub async fn collect_bounded(
+    mut body: Incoming,
+    limit: u64,
+    budget: &Arc<ResponseBudget>,
+) -> Result<Collected, hyper::Error> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut size = 0u64;
+    let mut charge = budget.try_charge(0);
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         if let Ok(data) = frame.into_data() {
             size += data.len() as u64;
+            let n = data.len() as u64;
             chunks.push(data);
-            if size > limit {
+            let granted = match charge.as_mut() {
+                Some(c) => c.grow(n),
+                None => false,
+            };
+            if size > limit || !granted {
                 let prefix = futures_util::stream::iter(
                     chunks
                         .into_iter()
@@ -188,7 +220,11 @@ pub async fn collect_bounded(mut body: Incoming, limit: u64) -> Result<Collected
             Bytes::from(all)
         }
     };
-    Ok(Collected::Whole(bytes))
+    match charge {
+        Some(charge) => Ok(Collected::Whole(bytes, charge)),
+        // Only when the limit is 0 and nothing arrived: an empty body holds nothing.
+        None => Ok(Collected::TooBig(full_body(bytes))),
+    }
 }
 
 #[cfg(test)]

@@ -5,13 +5,14 @@
 //! changes the rules under a request in flight.
 
 pub mod forward;
+pub mod readahead;
 pub mod replay;
 pub mod router;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -44,7 +45,8 @@ use crate::layers::observe::{AuditCtx, ObserveLayer, RouteMetrics};
 use crate::layers::retry::{RetryLayer, RetryPolicy};
 use crate::layers::timeout::{AttemptTimeoutLayer, DeadlineLayer};
 use crate::upstream::Upstream;
-use forward::Forward;
+use forward::{Forward, ReadAheadLimits};
+use readahead::ResponseBudget;
 use router::Router;
 
 /// A route's whole stack, type-erased. Cloned per request (cheap: Arcs inside).
@@ -91,6 +93,8 @@ pub struct Shared {
     upstreams: Mutex<HashMap<String, Upstream>>,
     limiters: Mutex<HashMap<String, (ConcurrencyConfig, Arc<ConcurrencyLimiter>)>>,
     routes: Mutex<HashMap<String, Arc<RouteState>>>,
+    /// Response bytes read ahead of slow clients, all routes and generations together.
+    response_budget: OnceLock<Arc<ResponseBudget>>,
 }
 
 impl Shared {
@@ -124,6 +128,11 @@ impl Shared {
 
     pub fn events(&self) -> Option<Arc<dyn EventSink>> {
         self.events.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// The one response read-ahead budget, made on first use; a generation sets its limit.
+    pub fn response_budget(&self) -> &Arc<ResponseBudget> {
+        self.response_budget.get_or_init(|| ResponseBudget::new(0))
     }
 
     /// The pooled client of an upstream (the DLQ replay worker uses it too).
@@ -458,6 +467,10 @@ fn build_snapshot(
     if !errors.is_empty() {
         return Err(ConfigErrors { errors });
     }
+    // Reloadable: a lower limit holds back new read-ahead until enough is released.
+    shared
+        .response_budget()
+        .set_limit(config.server.response_buffer_bytes);
     shared.commit_route_states(&states);
     Ok(Snapshot {
         router: Router::new(&config.routes),
@@ -545,7 +558,16 @@ pub fn build_stack(
                 route.retry.as_ref().and_then(|r| r.attempt_timeout),
             ))
             // Innermost: one call to the AI upstream; 5xx/429 become errors here.
-            .service(Forward::new(upstream, route.clone(), variant, buffer_limit));
+            .service(Forward::new(
+                upstream,
+                route.clone(),
+                variant,
+                buffer_limit,
+                ReadAheadLimits {
+                    budget: shared.response_budget().clone(),
+                    per_response: config.server.max_response_buffer_bytes,
+                },
+            ));
         Ok(BoxCloneSyncService::new(svc))
     };
     let baseline = branch(&route.upstream, state.breaker.clone(), None)?;

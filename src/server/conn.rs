@@ -1,6 +1,8 @@
 //! One HTTP connection (HTTP/1.1 or h2, by hyper-util's auto builder) with the timeouts
 //! hyper has no knob for: a per-connection activity tracker enforces the header-read
-//! timeout (HTTP/1 and h2) and the idle timeout (between requests, or no open h2 stream).
+//! timeout (HTTP/1 and h2), the idle timeout (between requests, or no open h2 stream) and
+//! the response write timeout (a client that accepts no byte for that long is dropped, so
+//! a slow reader cannot hold its answer, and the memory under it, forever).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,6 +50,8 @@ pub(crate) struct Timeouts {
     pub(crate) idle: Duration,
     /// The largest request head (HTTP/1) or header list (h2) read.
     pub(crate) max_header_bytes: usize,
+    /// Writes to the client blocked (socket full) this long: the connection is dropped.
+    pub(crate) write: Duration,
 }
 
 impl Timeouts {
@@ -56,6 +60,7 @@ impl Timeouts {
             header_read: server.header_read_timeout,
             idle: server.idle_timeout,
             max_header_bytes: server.max_header_bytes,
+            write: server.response_write_timeout,
         }
     }
 }
@@ -137,6 +142,15 @@ pub(crate) async fn serve_connection<I, F, Fut>(
             tracing::debug!(%remote, "peer did not close in time; dropping the connection");
             return;
         }
+        if let Some(at) = activity.write_deadline(timeouts) {
+            if at <= now {
+                // Dropping the connection drops the response body: its decision record is
+                // written as cancelled.
+                tracing::debug!(%remote, "the client accepted no bytes within response_write_timeout; dropping");
+                metrics::counter!(crate::telemetry::RESPONSE_WRITE_TIMEOUTS).increment(1);
+                return;
+            }
+        }
         let wake = match activity.next(timeouts) {
             Next::Head(at) if at <= now => {
                 tracing::debug!(%remote, "no request head within header_read_timeout; closing");
@@ -164,6 +178,9 @@ pub(crate) async fn serve_connection<I, F, Fut>(
             Next::Busy => now + timeouts.idle,
         };
         let wake = closing.map_or(wake, |c| c.min(wake));
+        let wake = activity
+            .write_deadline(timeouts)
+            .map_or(wake, |w| w.min(wake));
         tokio::select! {
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
@@ -191,9 +208,9 @@ enum Next {
     Idle(Instant),
 }
 
-/// What one connection is doing, updated by its reads and its requests. `idle` wakes the
-/// watch loop when the last request ends, since the idle deadline may come before the one
-/// it sleeps towards.
+/// What one connection is doing, updated by its reads, its writes and its requests. `idle`
+/// wakes the watch loop when the last request ends or a write blocks, since the new
+/// deadline may come before the one it sleeps towards.
 struct Activity {
     state: Mutex<ActivityState>,
     idle: tokio::sync::Notify,
@@ -205,6 +222,8 @@ struct ActivityState {
     /// h2 reads bytes while idle (pings, window updates): only HTTP/1 bytes start a head.
     h2: bool,
     since: Instant,
+    /// Since when the socket has refused every write (None: the last write went through).
+    write_blocked: Option<Instant>,
 }
 
 impl Activity {
@@ -216,6 +235,7 @@ impl Activity {
                 reading_head: true,
                 h2: false,
                 since: Instant::now(),
+                write_blocked: None,
             }),
             idle: tokio::sync::Notify::new(),
         }
@@ -232,6 +252,24 @@ impl Activity {
             s.reading_head = true;
             s.since = Instant::now();
         }
+    }
+
+    /// A write found the socket full (`true`) or went through (`false`).
+    fn on_write(&self, blocked: bool) {
+        let mut s = self.state();
+        match (blocked, s.write_blocked.is_some()) {
+            (true, false) => {
+                s.write_blocked = Some(Instant::now());
+                drop(s);
+                self.idle.notify_one();
+            }
+            (false, true) => s.write_blocked = None,
+            _ => {}
+        }
+    }
+
+    fn write_deadline(&self, t: Timeouts) -> Option<Instant> {
+        self.state().write_blocked.map(|since| since + t.write)
     }
 
     fn is_h2(&self) -> bool {
@@ -305,10 +343,21 @@ impl Body for TrackedBody {
     }
 }
 
-/// The connection's byte stream, telling the tracker when bytes arrive.
+/// The connection's byte stream, telling the tracker when bytes arrive and whether writes
+/// go through.
 struct TrackedIo<I> {
     inner: I,
     activity: Arc<Activity>,
+}
+
+impl<I> TrackedIo<I> {
+    fn written(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.activity.on_write(true),
+            Poll::Ready(Ok(n)) if *n > 0 => self.activity.on_write(false),
+            _ => {}
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
@@ -332,7 +381,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.written(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -340,7 +391,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.written(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -348,7 +401,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        // A TLS stream flushes its records here; the socket may refuse them too.
+        if polled.is_pending() {
+            self.activity.on_write(true);
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
