@@ -26,23 +26,6 @@ fn audit_section(dir: &Path, log_dir: &Path) -> String {
     )
 }
 
-async fn wait_until<F, Fut>(within: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Every decision record (not events) in the log files under `dir`.
 fn records(dir: &Path) -> Vec<serde_json::Value> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -365,7 +348,7 @@ async fn a_full_audit_disk_keeps_answering_then_the_log_resumes_and_verifies() {
     }
     // Readiness reports it (off while records cannot be written: see the README).
     assert!(
-        wait_until(Duration::from_secs(10), || async {
+        poll_until(Duration::from_secs(10), || async {
             readyz(&proxy).await.status == 503
         })
         .await,
@@ -385,7 +368,7 @@ async fn a_full_audit_disk_keeps_answering_then_the_log_resumes_and_verifies() {
     // Space returns: the writer resumes, readiness comes back, every record is written.
     fs.unfill();
     assert!(
-        wait_until(Duration::from_secs(30), || async {
+        poll_until(Duration::from_secs(30), || async {
             readyz(&proxy).await.status == 200
         })
         .await,
@@ -449,7 +432,7 @@ async fn a_deleted_or_unreadable_config_keeps_the_old_one_serving_and_says_why()
     let child = Reaped(Some(cmd.spawn().unwrap()));
     let admin = format!("http://127.0.0.1:{}", bw.admin);
     assert!(
-        wait_until(Duration::from_secs(20), || async {
+        poll_until(Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", bw.port))
                 .await
                 .is_ok()
@@ -493,7 +476,7 @@ async fn a_deleted_or_unreadable_config_keeps_the_old_one_serving_and_says_why()
         break_it(&bw.config_path);
         // The file watcher sees it, logs why, counts it.
         assert!(
-            wait_until(Duration::from_secs(20), || async {
+            poll_until(Duration::from_secs(20), || async {
                 rejected_in_log() > logged
             })
             .await,
@@ -615,7 +598,7 @@ async fn a_config_made_unreadable_keeps_the_old_one_for_an_unprivileged_process(
         .stderr(std::fs::File::create(&log).unwrap());
     let child = Reaped(Some(cmd.spawn().unwrap()));
     assert!(
-        wait_until(Duration::from_secs(20), || async {
+        poll_until(Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", bw.port))
                 .await
                 .is_ok()

@@ -88,23 +88,6 @@ async fn post(proxy: &TestProxy, body: &str) -> Reply {
     proxy.send(req).await
 }
 
-async fn poll_until<F, Fut>(within: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn dlq_status(proxy: &TestProxy) -> serde_json::Value {
     proxy.admin_get("/admin/dlq").await.unwrap().json()
 }
