@@ -392,6 +392,12 @@ fn parse_legacy(segment: u64, base: u64, bytes: &[u8], complete: bool) -> (Vec<S
         }
         let len = le32(bytes, pos);
         if len > MAX_PAYLOAD {
+            if !complete {
+                // The rest of the segment is one damaged stretch, as in a whole read (the
+                // drainer re-reads from here to the segment's end): a window must not end
+                // the damage early and parse what follows as records.
+                return (out, base + pos as u64);
+            }
             break;
         }
         let total = V1_HEADER + len as usize;
@@ -1300,6 +1306,44 @@ mod tests {
         }
         let want: Vec<Bytes> = records.into_iter().map(|(_, p)| Bytes::from(p)).collect();
         assert_eq!(got, want);
+    }
+
+    /// Found by fuzz/spool: in an old segment, an impossible length inside the drainer's
+    /// read window was marked as damage only up to the window's end, and the next read
+    /// parsed the garbage after it as records. A whole read (`spool inspect`, recovery)
+    /// counts everything from the bad length on as one damaged stretch; the drain must too.
+    #[tokio::test]
+    async fn an_old_format_segment_with_a_bad_length_drains_as_a_whole_read_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = vec![b'a'; 40_000];
+        // Where the window (64 KiB) ends, the garbage happens to hold a sound v1 record.
+        let window = 1usize << 16;
+        let mut seg = v1_segment(&[(1, first.clone())]);
+        seg.extend_from_slice(&u32::MAX.to_le_bytes());
+        seg.resize(window, 0x5a);
+        seg.extend_from_slice(&v1_segment(&[(2, vec![b'z'; 100])]));
+        std::fs::write(segment_path(dir.path(), 1), &seg).unwrap();
+        // Written after the upgrade: the old segment is not the newest, so recovery keeps it.
+        std::fs::write(segment_path(dir.path(), 2), b"").unwrap();
+        let whole = parse_file(1, &seg);
+        assert_eq!(whole.iter().filter(|r| r.payload.is_some()).count(), 1);
+
+        let (w, _) = open(settings(dir.path(), 1 << 30)).unwrap();
+        let mut reader = SpoolReader::new(w.state.clone());
+        let mut sound = Vec::new();
+        for _ in 0..20 {
+            let batch = reader.next_batch(0).unwrap();
+            let Some(last) = batch.last() else { break };
+            reader.advance((last.segment, last.end));
+            sound.extend(batch.into_iter().filter_map(|r| r.payload));
+        }
+        let lens: Vec<usize> = sound.iter().map(|p| p.len()).collect();
+        assert_eq!(
+            lens,
+            [first.len()],
+            "the drain read records a whole read does not"
+        );
+        assert_eq!(sound[0], first);
     }
 
     #[tokio::test]
