@@ -246,6 +246,7 @@ fn build_proxy(
     shared: Shared,
     replay_target: &LateReplay,
 ) -> Result<Arc<Proxy>, AppError> {
+    telemetry::register_series(&config);
     let proxy = Proxy::with_shared(config, shared)?;
     replay_target.set(Arc::new(crate::proxy::replay::ProxyReplay {
         proxy: Arc::downgrade(&proxy),
@@ -268,6 +269,7 @@ fn installer(proxy: Arc<Proxy>) -> Installer {
                 tracing::warn!("listen addresses changed: they take effect on restart");
             }
             reload::refuse_restart_only(&old.config, &config)?;
+            telemetry::register_series(&config);
             let snapshot = proxy.install(config)?;
             if let Some(events) = proxy.shared.events() {
                 events.emit(

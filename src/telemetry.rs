@@ -34,7 +34,7 @@ pub const CANARY_ROLLBACKS: &str = "breakwater_canary_rollbacks_total";
 pub const MODEL_VERSION_REQUESTS: &str = "breakwater_model_version_requests_total";
 pub const MODEL_VERSION_DURATION: &str = "breakwater_model_version_duration_seconds";
 pub const MODEL_VERSION_ERRORS: &str = "breakwater_model_version_errors_total";
-pub const DEGRADED_SECONDS: &str = "breakwater_degraded_seconds";
+pub const DEGRADED_SECONDS: &str = "breakwater_degraded_seconds_total";
 pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
 pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
@@ -193,6 +193,40 @@ fn describe() {
         DEGRADED_SECONDS,
         "Seconds a route spent degraded (breaker open or AI disabled)"
     );
+}
+
+/// Starts at zero the counters that alerts watch, for what `config` enables, so a first
+/// failure is an increase Prometheus can see (`increase()` needs a sample before it) and a
+/// dashboard shows 0 rather than "no data". Called for every generation: a reload that
+/// adds a route or a variant registers its series too.
+pub fn register_series(config: &crate::config::Config) {
+    for result in ["ok", "error"] {
+        metrics::counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
+    metrics::counter!(RESPONSE_WRITE_TIMEOUTS).increment(0);
+    if let Some(audit) = &config.audit {
+        metrics::counter!(AUDIT_RECORDS).increment(0);
+        metrics::counter!(AUDIT_WRITE_ERRORS).increment(0);
+        metrics::counter!(AUDIT_DROPPED).increment(0);
+        if audit.publish.is_some() {
+            metrics::counter!(AUDIT_PUBLISHED).increment(0);
+            metrics::counter!(AUDIT_PUBLISH_DROPPED).increment(0);
+        }
+    }
+    for route in &config.routes {
+        let name = route.name.to_string();
+        metrics::counter!(DEGRADED_SECONDS, "route" => name.clone()).increment(0);
+        for v in &route.variants {
+            metrics::counter!(CANARY_ROLLBACKS, "route" => name.clone(), "variant" => v.name.clone())
+                .increment(0);
+        }
+        if route.replayable && config.dlq.is_some() {
+            for result in ["rejected", "parked"] {
+                metrics::counter!(DLQ_MESSAGES, "route" => name.clone(), "result" => result)
+                    .increment(0);
+            }
+        }
+    }
 }
 
 /// Caps the number of distinct model-version label values.
