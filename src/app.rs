@@ -71,6 +71,13 @@ pub async fn run(
     // Which RabbitMQ node each connection is on, for the admin API.
     let connections = crate::amqp::Connections::default();
     let audit = start_audit(&config, &shared, &connections)?;
+    if let Some(a) = &config.access_log {
+        let log = crate::access_log::AccessLog::start(a).map_err(|e| AppError::Start {
+            what: "the access log",
+            message: e.to_string(),
+        })?;
+        shared.set_access_log(log);
+    }
     // The DLQ needs the proxy (to replay) and the proxy's stacks need the DLQ: the sink is
     // attached before the first snapshot, the replay target holds the proxy weakly.
     let replay_target = Arc::new(LateReplay::default());
@@ -369,6 +376,11 @@ async fn stop(s: Stopping) {
     let _ = s.data.await;
     if let Some(audit) = &s.audit {
         close_audit(audit, grace_ends).await;
+    }
+    if let Some(log) = s.proxy.shared.access_log().cloned() {
+        // The writer thread is fast; a dead disk must not hold the shutdown.
+        let _ =
+            tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(1))).await;
     }
     if let Some(dlq) = s.dlq {
         dlq.stop.cancel();

@@ -7,6 +7,7 @@
 //! - `window`: the one bucketed time window the breaker, retry budget and canary share.
 #![forbid(unsafe_code)]
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod amqp;
 pub mod app;

@@ -43,6 +43,7 @@ pub const ADMIN_UNAUTHORIZED: &str = "breakwater_admin_unauthorized_total";
 pub const UPSTREAM_TLS_ERRORS: &str = "breakwater_upstream_tls_errors_total";
 pub const RESPONSE_BUFFER_BYTES: &str = "breakwater_response_buffer_bytes";
 pub const RESPONSE_WRITE_TIMEOUTS: &str = "breakwater_response_write_timeouts_total";
+pub const ACCESS_LOG_DROPPED: &str = "breakwater_access_log_dropped_total";
 
 /// Distinct model-version label values kept before the rest are folded into "other".
 const MAX_MODEL_VERSIONS: usize = 64;
@@ -174,6 +175,10 @@ fn describe() {
         "Decision log lines not copied to RabbitMQ because its buffer was full (the file has them)"
     );
     describe_counter!(CONFIG_RELOADS, "Config reload attempts, by result");
+    describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access log lines dropped (its buffer was full, or the write failed)"
+    );
     describe_gauge!(CONFIG_GENERATION, "Generation of the config in force");
     describe_counter!(CANARY_ROLLBACKS, "Automatic and manual canary rollbacks");
     describe_counter!(

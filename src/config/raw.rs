@@ -17,6 +17,17 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     pub audit: Option<RawAudit>,
     pub dlq: Option<RawDlq>,
+    pub access_log: Option<RawAccessLog>,
+}
+
+/// `[access_log]`: one JSON line per request; absent means off.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    pub enabled: Option<bool>,
+    /// `"stderr"` (or `"-"`), or a file path.
+    pub path: Option<String>,
+    pub buffer: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

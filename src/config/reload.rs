@@ -181,6 +181,10 @@ pub fn refuse_restart_only(old: &Config, new: &Config) -> Result<(), ConfigError
     dlq_keys(old, new, &mut keys);
     audit_keys(old, new, &mut keys);
     replayable_keys(old, new, &mut keys);
+    // The writer thread and its file are opened once.
+    if old.access_log != new.access_log {
+        keys.push("access_log".into());
+    }
     // The connection caps size the listeners' semaphores, built once at start.
     if old.server.max_connections != new.server.max_connections {
         keys.push("server.max_connections".into());

@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use super::raw::*;
 use super::*;
+use crate::access_log::{AccessLogConfig, Target};
 
 const MIB: u64 = 1024 * 1024;
 /// Loopback: the admin API is not reachable from the network unless the config says so.
@@ -129,6 +130,11 @@ pub(super) fn validate(raw: RawConfig, hash: String) -> Result<Config, ConfigErr
     // Replayable routes need a DLQ; without a [dlq] section the embedded default (a local
     // spool in var/spool, RabbitMQ only if BREAKWATER_AMQP_URL is set) is used.
     let any_replayable = raw.routes.iter().any(|r| r.replayable.unwrap_or(false));
+    let access_log = raw
+        .access_log
+        .as_ref()
+        .filter(|a| a.enabled.unwrap_or(true))
+        .map(|a| validate_access_log(&mut e, a));
     let dlq = match &raw.dlq {
         Some(d) => Some(validate_dlq(&mut e, d)),
         None if any_replayable => Some(validate_dlq(&mut e, &RawDlq::default())),
@@ -144,6 +150,7 @@ pub(super) fn validate(raw: RawConfig, hash: String) -> Result<Config, ConfigErr
         routes,
         audit,
         dlq,
+        access_log,
         hash,
         raw,
     })
@@ -886,6 +893,24 @@ fn validate_fallback(
             None
         }
     }
+}
+
+fn validate_access_log(e: &mut Errors, a: &RawAccessLog) -> AccessLogConfig {
+    let target = match a.path.as_deref().map(str::trim) {
+        None | Some("stderr") | Some("-") => Target::Stderr,
+        Some("") => {
+            e.add("access_log.path", "must be \"stderr\" or a file path");
+            Target::Stderr
+        }
+        Some(path) => Target::File(PathBuf::from(path)),
+    };
+    let buffer = a.buffer.unwrap_or(65_536);
+    e.check(
+        (1..=16 * 1024 * 1024).contains(&buffer),
+        "access_log.buffer",
+        "must be between 1 and 16777216 lines",
+    );
+    AccessLogConfig { target, buffer }
 }
 
 fn validate_audit(e: &mut Errors, a: &RawAudit) -> Option<AuditConfig> {

@@ -95,6 +95,8 @@ pub struct Shared {
     routes: Mutex<HashMap<String, Arc<RouteState>>>,
     /// Response bytes read ahead of slow clients, all routes and generations together.
     response_budget: OnceLock<Arc<ResponseBudget>>,
+    /// `[access_log]`, once started: read once at start like the decision log.
+    access_log: OnceLock<crate::access_log::AccessLog>,
 }
 
 impl Shared {
@@ -120,6 +122,15 @@ impl Shared {
 
     pub fn dlq(&self) -> Option<Arc<dyn DeadLetters>> {
         self.dlq.lock().ok().and_then(|d| d.clone())
+    }
+
+    /// Set once at start; later calls are ignored.
+    pub fn set_access_log(&self, log: crate::access_log::AccessLog) {
+        let _ = self.access_log.set(log);
+    }
+
+    pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
+        self.access_log.get()
     }
 
     pub fn audit(&self) -> Option<AuditHandle> {
@@ -323,8 +334,27 @@ impl Proxy {
         remote: SocketAddr,
         tls: bool,
     ) -> http::Response<ProxyBody> {
+        let Some(log) = self.shared.access_log() else {
+            return self.dispatch(req, remote, tls, None).await;
+        };
+        // Dropped with this future when the client goes away: logged as cancelled.
+        let mut access = log.begin(req.method(), req.uri().path());
+        let resp = self.dispatch(req, remote, tls, Some(&mut access)).await;
+        access.respond(resp)
+    }
+
+    async fn dispatch(
+        &self,
+        req: http::Request<Incoming>,
+        remote: SocketAddr,
+        tls: bool,
+        mut access: Option<&mut crate::access_log::Access>,
+    ) -> http::Response<ProxyBody> {
         let snapshot = self.snapshot.load_full();
         let request_id = headers::request_id(req.headers());
+        if let Some(a) = access.as_deref_mut() {
+            a.request_id(&request_id);
+        }
         if let Err(why) = router::check_host(&req) {
             return finish_local(StatusCode::BAD_REQUEST, "bad_host", why, &request_id);
         }
@@ -406,6 +436,9 @@ impl Proxy {
             .unwrap_or_else(|| http::Uri::from_static("/"));
         parts.version = http::Version::HTTP_11;
         let meta = Arc::new(RequestMeta::new(request_id, route.clone(), idempotency_key));
+        if let Some(a) = access {
+            a.routed(&meta);
+        }
         let req = ProxyRequest {
             http: http::Request::from_parts(parts, body),
             meta,
