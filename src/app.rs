@@ -78,6 +78,16 @@ pub async fn run(
         })?;
         shared.set_access_log(log);
     }
+    if let Some(t) = &config.tracing {
+        let tracing =
+            crate::otel::Tracing::start(t, &config.server.instance).map_err(|message| {
+                AppError::Start {
+                    what: "tracing",
+                    message,
+                }
+            })?;
+        shared.set_tracing(Arc::new(tracing));
+    }
     // The DLQ needs the proxy (to replay) and the proxy's stacks need the DLQ: the sink is
     // attached before the first snapshot, the replay target holds the proxy weakly.
     let replay_target = Arc::new(LateReplay::default());
@@ -376,6 +386,17 @@ async fn stop(s: Stopping) {
     let _ = s.data.await;
     if let Some(audit) = &s.audit {
         close_audit(audit, grace_ends).await;
+    }
+    if let Some(t) = s.proxy.shared.tracing().cloned() {
+        // The last spans go to the collector, within its export timeout at most.
+        let within = s
+            .proxy
+            .snapshot()
+            .config
+            .tracing
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(5), |c| c.export_timeout);
+        let _ = tokio::task::spawn_blocking(move || t.shutdown(within)).await;
     }
     if let Some(log) = s.proxy.shared.access_log().cloned() {
         // The writer thread is fast; a dead disk must not hold the shutdown.

@@ -23,6 +23,7 @@ pub(crate) mod fallback;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod layers;
+pub(crate) mod otel;
 pub(crate) mod private_fs;
 pub(crate) mod proxy;
 pub(crate) mod server;

@@ -54,6 +54,9 @@ pub struct DecisionRecord {
     pub breaker_state: Option<String>,
     pub dlq: Option<String>,
     pub dlq_msg_id: Option<String>,
+    /// W3C trace id, only when the request carried or started a trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     pub prev_hash: String,
 }
 
@@ -87,6 +90,9 @@ pub struct Decision {
     pub breaker_state: Option<&'static str>,
     pub dlq: Option<&'static str>,
     pub dlq_msg_id: Option<String>,
+    /// W3C trace id (32 hex digits); the key is left out when there is none, so records
+    /// of untraced requests keep their bytes.
+    pub trace_id: Option<String>,
 }
 
 impl Decision {
@@ -117,6 +123,7 @@ impl Decision {
             breaker_state: None,
             dlq: None,
             dlq_msg_id: None,
+            trace_id: None,
         }
     }
 }
@@ -200,6 +207,10 @@ fn encode_decision(
     opt_text(out, d.dlq)?;
     out.extend_from_slice(b",\"dlq_msg_id\":");
     opt_text(out, d.dlq_msg_id.as_deref())?;
+    if let Some(t) = &d.trace_id {
+        out.extend_from_slice(b",\"trace_id\":");
+        text(out, t)?;
+    }
     out.extend_from_slice(b",\"prev_hash\":\"");
     out.extend_from_slice(&prev_hash.0);
     out.extend_from_slice(b"\"}");
@@ -462,6 +473,7 @@ mod tests {
             breaker_state: d.breaker_state.map(str::to_string),
             dlq: d.dlq.map(str::to_string),
             dlq_msg_id: d.dlq_msg_id.clone(),
+            trace_id: d.trace_id.clone(),
             prev_hash: prev.into(),
         }
     }
@@ -479,6 +491,10 @@ mod tests {
         let mut cases = vec![
             full_decision(),
             Decision::new("r".into(), "id".into(), "ai"),
+            Decision {
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+                ..full_decision()
+            },
         ];
         for t in tricky {
             let mut d = full_decision();

@@ -50,6 +50,7 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     pub dlq: Option<DlqConfig>,
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    pub tracing: Option<crate::otel::TracingConfig>,
     /// SHA-256 of the file bytes, hex: what `/admin/config` and the audit trail show.
     pub hash: String,
     /// The raw form, kept for `/admin/config` (secrets are masked when rendered).

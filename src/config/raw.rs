@@ -18,6 +18,20 @@ pub struct RawConfig {
     pub audit: Option<RawAudit>,
     pub dlq: Option<RawDlq>,
     pub access_log: Option<RawAccessLog>,
+    pub tracing: Option<RawTracing>,
+}
+
+/// `[tracing]`: OpenTelemetry spans exported over OTLP/HTTP; absent means off.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub enabled: Option<bool>,
+    pub otlp_endpoint: Option<String>,
+    pub sampling_ratio: Option<f64>,
+    pub service_name: Option<String>,
+    pub export_timeout_ms: Option<u64>,
+    pub export_interval_ms: Option<u64>,
+    pub max_queue: Option<usize>,
 }
 
 /// `[access_log]`: one JSON line per request; absent means off.

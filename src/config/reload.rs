@@ -185,6 +185,10 @@ pub fn refuse_restart_only(old: &Config, new: &Config) -> Result<(), ConfigError
     if old.access_log != new.access_log {
         keys.push("access_log".into());
     }
+    // The exporter and its batch thread are built once.
+    if old.tracing != new.tracing {
+        keys.push("tracing".into());
+    }
     // The connection caps size the listeners' semaphores, built once at start.
     if old.server.max_connections != new.server.max_connections {
         keys.push("server.max_connections".into());

@@ -135,6 +135,11 @@ pub(super) fn validate(raw: RawConfig, hash: String) -> Result<Config, ConfigErr
         .as_ref()
         .filter(|a| a.enabled.unwrap_or(true))
         .map(|a| validate_access_log(&mut e, a));
+    let tracing = raw
+        .tracing
+        .as_ref()
+        .filter(|t| t.enabled.unwrap_or(true))
+        .map(|t| validate_tracing(&mut e, t));
     let dlq = match &raw.dlq {
         Some(d) => Some(validate_dlq(&mut e, d)),
         None if any_replayable => Some(validate_dlq(&mut e, &RawDlq::default())),
@@ -151,6 +156,7 @@ pub(super) fn validate(raw: RawConfig, hash: String) -> Result<Config, ConfigErr
         audit,
         dlq,
         access_log,
+        tracing,
         hash,
         raw,
     })
@@ -892,6 +898,61 @@ fn validate_fallback(
             );
             None
         }
+    }
+}
+
+fn validate_tracing(e: &mut Errors, t: &RawTracing) -> crate::otel::TracingConfig {
+    let endpoint = t
+        .otlp_endpoint
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:4318/v1/traces".to_string());
+    match endpoint.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
+        _ => e.add(
+            "tracing.otlp_endpoint",
+            format!("expected an http:// or https:// URL (the OTLP/HTTP traces endpoint, e.g. http://otel-collector:4318/v1/traces), got {endpoint:?}"),
+        ),
+    }
+    let sampling_ratio = t.sampling_ratio.unwrap_or(0.01);
+    e.check(
+        (0.0..=1.0).contains(&sampling_ratio),
+        "tracing.sampling_ratio",
+        "must be between 0 and 1",
+    );
+    let service_name = t
+        .service_name
+        .clone()
+        .unwrap_or_else(|| "breakwater".to_string());
+    e.check(
+        !service_name.trim().is_empty(),
+        "tracing.service_name",
+        "must not be empty",
+    );
+    let export_timeout_ms = t.export_timeout_ms.unwrap_or(10_000);
+    e.check(
+        (1..=300_000).contains(&export_timeout_ms),
+        "tracing.export_timeout_ms",
+        "must be between 1 and 300000",
+    );
+    let export_interval_ms = t.export_interval_ms.unwrap_or(5_000);
+    e.check(
+        (1..=300_000).contains(&export_interval_ms),
+        "tracing.export_interval_ms",
+        "must be between 1 and 300000",
+    );
+    let max_queue = t.max_queue.unwrap_or(2048);
+    e.check(
+        (1..=1_048_576).contains(&max_queue),
+        "tracing.max_queue",
+        "must be between 1 and 1048576",
+    );
+    crate::otel::TracingConfig {
+        endpoint,
+        sampling_ratio,
+        service_name,
+        export_timeout: Duration::from_millis(export_timeout_ms),
+        export_interval: Duration::from_millis(export_interval_ms),
+        max_queue,
     }
 }
 

@@ -21,6 +21,12 @@ pub struct Envelope {
     pub headers: Vec<(String, String)>,
     pub body_b64: String,
     pub model_version_requested: Option<String>,
+    /// The W3C trace of the request that was dead-lettered, and its span: a replay links
+    /// to it. Absent when the request had no trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 /// Headers that say something about this hop or this proxy, never worth replaying.
@@ -81,6 +87,8 @@ impl Envelope {
             headers,
             body_b64: base64::engine::general_purpose::STANDARD.encode(body),
             model_version_requested,
+            trace_id: None,
+            span_id: None,
         }
     }
 

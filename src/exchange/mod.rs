@@ -41,6 +41,8 @@ pub struct RequestMeta {
     pub deadline: Instant,
     /// The client asked for at-most-once semantics to be relaxed by naming the request.
     pub idempotency_key: bool,
+    /// The W3C trace the request belongs to (its spans when sampled).
+    pub trace: Option<crate::otel::RequestTrace>,
     /// What the layers learned about this request: the one place the decision record,
     /// the metrics and the headers read from, whether the request ends in an answer, an
     /// error or a dropped future.
@@ -112,6 +114,7 @@ impl RequestMeta {
             received_at: now,
             received_wall: SystemTime::now(),
             idempotency_key,
+            trace: None,
             facts: Mutex::new(Facts::default()),
         }
     }

@@ -281,6 +281,17 @@ impl Exchange {
             self.metrics.upstream(up, facts.variant.as_ref(), lat);
         }
         let status = resp.status().as_u16();
+        if let Some(t) = self.meta.trace.as_ref().filter(|t| t.is_recording()) {
+            t.end(crate::otel::SpanEnd {
+                status,
+                outcome: ending.outcome.as_str(),
+                reason: ending.reason.map(Reason::as_str),
+                variant: facts.variant.as_deref(),
+                model_version: facts.model_version.as_deref(),
+                upstream: facts.upstream.as_deref(),
+                request_id: &self.meta.request_id,
+            });
+        }
         let elapsed = self.meta.received_at.elapsed();
         let overhead = elapsed.saturating_sub(facts.upstream_latency.unwrap_or_default());
         self.metrics
@@ -361,6 +372,17 @@ impl Exchange {
         self.metrics
             .request(Outcome::Cancelled, CANCELLED_STATUS, elapsed, None);
         tracing::debug!(route = %self.meta.route.name, request_id = %self.meta.request_id, "client went away before the answer");
+        if let Some(t) = self.meta.trace.as_ref().filter(|t| t.is_recording()) {
+            t.end(crate::otel::SpanEnd {
+                status: CANCELLED_STATUS,
+                outcome: Outcome::Cancelled.as_str(),
+                reason: None,
+                variant: None,
+                model_version: None,
+                upstream: None,
+                request_id: &self.meta.request_id,
+            });
+        }
         let Some(audit) = self.audit.take() else {
             return;
         };
@@ -449,6 +471,7 @@ impl AuditStart {
                 .map(|b| b.state(tokio::time::Instant::now()).as_str()),
             dlq: facts.dlq.as_ref().map(|d| d.0.as_str()),
             dlq_msg_id: facts.dlq.map(|d| d.1.to_string()),
+            trace_id: meta.trace.as_ref().map(|t| t.trace_id.clone()),
         }
     }
 }

@@ -84,9 +84,46 @@ impl tower::Service<ProxyRequest> for Forward {
 
 impl ForwardInner {
     async fn forward(self: Arc<Self>, req: ProxyRequest) -> Result<ProxyResponse, ProxyError> {
-        req.meta
+        let attempt = req
+            .meta
             .attempt_started(&self.upstream.name, self.variant.as_ref());
-        let (resp, latency) = self.upstream.send(&req.http).await?;
+        let Some(span) = req
+            .meta
+            .trace
+            .as_ref()
+            .and_then(|t| t.attempt(&self.upstream.name, self.variant.as_deref(), attempt))
+        else {
+            return self.attempt(&req, &req.http).await;
+        };
+        // The upstream sees this attempt's span as its parent.
+        let mut traced = http::Request::new(req.http.body().clone());
+        *traced.method_mut() = req.http.method().clone();
+        *traced.uri_mut() = req.http.uri().clone();
+        *traced.headers_mut() = req.http.headers().clone();
+        crate::otel::inject(span.context(), traced.headers_mut());
+        let result = self.attempt(&req, &traced).await;
+        match &result {
+            Ok(r) => {
+                let version = req.meta.facts().model_version.clone();
+                span.answered(r.http.status().as_u16(), version.as_deref());
+            }
+            Err(ProxyError {
+                kind: ErrorKind::Status { status, .. },
+            }) => {
+                let version = req.meta.facts().model_version.clone();
+                span.answered(status.as_u16(), version.as_deref());
+            }
+            Err(e) => span.failed(&e.to_string()),
+        }
+        result
+    }
+
+    async fn attempt(
+        &self,
+        req: &ProxyRequest,
+        http: &http::Request<bytes::Bytes>,
+    ) -> Result<ProxyResponse, ProxyError> {
+        let (resp, latency) = self.upstream.send(http).await?;
         let status = resp.status();
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = resp

@@ -97,6 +97,8 @@ pub struct Shared {
     response_budget: OnceLock<Arc<ResponseBudget>>,
     /// `[access_log]`, once started: read once at start like the decision log.
     access_log: OnceLock<crate::access_log::AccessLog>,
+    /// `[tracing]`, once started.
+    tracing: OnceLock<Arc<crate::otel::Tracing>>,
 }
 
 impl Shared {
@@ -131,6 +133,15 @@ impl Shared {
 
     pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
         self.access_log.get()
+    }
+
+    /// Set once at start; later calls are ignored.
+    pub fn set_tracing(&self, t: Arc<crate::otel::Tracing>) {
+        let _ = self.tracing.set(t);
+    }
+
+    pub fn tracing(&self) -> Option<&Arc<crate::otel::Tracing>> {
+        self.tracing.get()
     }
 
     pub fn audit(&self) -> Option<AuditHandle> {
@@ -420,6 +431,11 @@ impl Proxy {
             }
         };
         let idempotency_key = parts.headers.contains_key(&IDEMPOTENCY_KEY);
+        // A header lookup unless the request is traced.
+        let trace = match self.shared.tracing() {
+            Some(t) => t.begin(&parts.headers, &parts.method, parts.uri.path(), &route.name),
+            None => crate::otel::incoming(&parts.headers),
+        };
         headers::prepare_upstream_headers(
             &mut parts.headers,
             remote.ip(),
@@ -435,7 +451,9 @@ impl Proxy {
             .map(|pq| http::Uri::from(pq.clone()))
             .unwrap_or_else(|| http::Uri::from_static("/"));
         parts.version = http::Version::HTTP_11;
-        let meta = Arc::new(RequestMeta::new(request_id, route.clone(), idempotency_key));
+        let mut meta = RequestMeta::new(request_id, route.clone(), idempotency_key);
+        meta.trace = trace;
+        let meta = Arc::new(meta);
         if let Some(a) = access {
             a.routed(&meta);
         }

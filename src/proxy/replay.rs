@@ -28,7 +28,7 @@ pub struct DlqSink {
 
 impl DeadLetters for DlqSink {
     fn enqueue(&self, req: &ProxyRequest, reason: Reason) -> DlqFuture {
-        let env = Envelope::new(
+        let mut env = Envelope::new(
             &req.meta.route.name,
             &req.meta.request_id,
             reason.as_str(),
@@ -39,6 +39,10 @@ impl DeadLetters for DlqSink {
             &self.redact,
             None,
         );
+        if let Some(t) = &req.meta.trace {
+            env.trace_id = Some(t.trace_id.clone());
+            env.span_id = Some(t.span_id.clone());
+        }
         let handle = self.handle.clone();
         Box::pin(async move {
             // Bounded: a hung disk must not hold the client. Past the bound the message may
@@ -123,6 +127,8 @@ impl ReplayTarget for ProxyReplay {
             status,
             attempts: env.attempts + 1,
             dlq_msg_id: Some(env.msg_id.clone()),
+            // The original request's trace: one id ties the request and its replay.
+            trace_id: env.trace_id.clone(),
             ..Decision::new(
                 Arc::from(env.route.as_str()),
                 Arc::from(env.request_id.as_str()),
@@ -218,6 +224,35 @@ async fn replay_once(
         }
         None => None,
     };
+    // A replay is a trace of its own, linked to the dead-lettered request's span.
+    let trace = proxy.shared.tracing().and_then(|t| {
+        t.replay(
+            &env.route,
+            &env.request_id,
+            env.trace_id.as_deref().zip(env.span_id.as_deref()),
+        )
+    });
+    let mut req = req;
+    if let Some(cx) = trace.as_ref().and_then(|t| t.context()) {
+        crate::otel::inject(cx, req.headers_mut());
+    }
+    let end_span = |status: u16, reason: Option<&str>| {
+        if let Some(t) = &trace {
+            t.end(crate::otel::SpanEnd {
+                status,
+                outcome: if reason.is_none() {
+                    "replayed"
+                } else {
+                    "replay_failed"
+                },
+                reason,
+                variant: None,
+                model_version: None,
+                upstream: Some(&route.upstream),
+                request_id: &env.request_id,
+            });
+        }
+    };
     let limit = snap.config.server.max_response_buffer_bytes;
     let sent = tokio::time::timeout(route.timeout, fetch(&upstream, &req, limit)).await;
     let judge = |outcome: Option<CallOutcome>| {
@@ -228,16 +263,19 @@ async fn replay_once(
     let (parts, body) = match sent {
         Err(_) => {
             judge(Some(CallOutcome::Failure(FailureKind::Timeout)));
+            end_span(0, Some("timeout"));
             return Err(fail(format!("timed out after {:?}", route.timeout), true));
         }
         Ok(Err(Fetched::Failed(e))) => {
             let reason = e.to_string();
             judge(ProxyError::from(e).call_outcome());
+            end_span(0, Some("connect_error"));
             return Err(fail(reason, true));
         }
         Ok(Err(Fetched::TooLarge(status))) => {
             // The AI answered; the answer is too big to carry. Its health is not in doubt.
             judge(Some(crate::breaker::classify_status(status)));
+            end_span(status, Some("too_large"));
             return Err(fail(
                 format!("the AI's answer ({status}) is larger than server.max_response_buffer_bytes = {limit}"),
                 false,
@@ -247,6 +285,8 @@ async fn replay_once(
     };
     let status = parts.status.as_u16();
     judge(Some(crate::breaker::classify_status(status)));
+    let failed = parts.status.is_server_error() || parts.status.is_client_error() || status == 429;
+    end_span(status, failed.then_some("upstream_status"));
     if parts.status.is_server_error() || status == 429 {
         return Err(fail(format!("the AI answered {status}"), true));
     }
