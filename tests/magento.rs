@@ -180,6 +180,34 @@ fn the_module_plain_php_checks_pass() {
 
 const ROUTE_TIMEOUT_MS: u64 = 2000;
 
+/// The dead-letter policy definition examples/magento/README.md gives for
+/// `breakwater.results.*`; the test sets it on its own results queue only (shared broker).
+const RESULTS_POLICY: &str =
+    r#"{"dead-letter-exchange":"breakwater.results.dead","delivery-limit":20}"#;
+const DEAD_EXCHANGE: &str = "breakwater.results.dead";
+
+#[test]
+fn the_module_readme_gives_the_policy_the_test_sets() {
+    let readme = std::fs::read_to_string(module_root().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("'^breakwater\\.results\\.' '{RESULTS_POLICY}'")),
+        "README's rabbitmqctl set_policy differs from {RESULTS_POLICY}"
+    );
+}
+
+/// `rabbitmqctl` with these arguments; false (or a panic under CI=true) when it cannot run.
+fn rabbitmqctl(args: &[&str]) -> bool {
+    let ok = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(!in_ci(), "rabbitmqctl {args:?} failed and CI=true");
+        eprintln!("rabbitmqctl {args:?} failed: the dead-letter policy is not tested");
+    }
+    ok
+}
+
 /// A replayable route on /v1/grading (its breaker trips on the first failure and half-opens
 /// after a second, so replays start soon after the AI recovers), a non-replayable one with a
 /// static fallback, and one with no fallback; results go to the default `breakwater.results`,
@@ -245,6 +273,29 @@ async fn the_magento_module_calls_breakwater_and_applies_each_replayed_answer_on
     let dir = tempfile::tempdir().unwrap();
     let route = rabbit::unique_route("magento_grading");
     let proxy = TestProxy::start(&config(&ai, &route, dir.path())).await;
+    // The README's dead-letter policy, on this test's results queue only, and a queue on
+    // its dead-letter exchange.
+    let (_conn, ch) = rabbit::channel().await;
+    let policy = format!("magento-test-{route}");
+    let dead_queue = format!("breakwater.results-dead.{route}");
+    rabbit::bound_queue(
+        &ch,
+        DEAD_EXCHANGE,
+        &dead_queue,
+        &format!("ai.result.{route}"),
+    )
+    .await;
+    let pattern = format!("^breakwater\\.results\\.{route}$");
+    let policy_set = rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "--priority",
+        "100",
+        &policy,
+        &pattern,
+        RESULTS_POLICY,
+    ]);
     let state = dir.path().join("php");
     std::fs::create_dir_all(&state).unwrap();
 
@@ -261,14 +312,22 @@ async fn the_magento_module_calls_breakwater_and_applies_each_replayed_answer_on
         .env("AMQP_USER", "guest")
         .env("AMQP_PASSWORD", "guest")
         .env("AMQP_VHOST", "/");
+    if policy_set {
+        cmd.env("BW_DEAD_QUEUE", &dead_queue);
+    }
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
         .unwrap();
 
-    // Our own queues only: the broker is shared.
-    let (_conn, ch) = rabbit::channel().await;
+    // Our own queues and policy only: the broker is shared. breakwater first, or its
+    // replay worker declares the route's queues again.
+    proxy.stop().await;
+    if policy_set {
+        rabbitmqctl(&["clear_policy", &policy]);
+    }
     for q in [
+        dead_queue.clone(),
         format!("breakwater.dlq.{route}"),
         format!("breakwater.dlq.{route}.parked"),
         format!("breakwater.results.{route}"),
@@ -280,7 +339,6 @@ async fn the_magento_module_calls_breakwater_and_applies_each_replayed_answer_on
             )
             .await;
     }
-    proxy.stop().await;
     assert!(
         out.status.success(),
         "{}",

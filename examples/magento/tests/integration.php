@@ -8,6 +8,9 @@
  *   BW_ROUTE       the replayable route on /v1/grading (its results: ai.result.<route>)
  *   BW_ROUTE_TIMEOUT_MS  that route's timeout_ms
  *   BW_STATE_DIR   a scratch directory (the pending store's file)
+ *   BW_DEAD_QUEUE  optional: a queue bound to the dead-letter exchange of the README's
+ *                  policy (set on this route's results queue); then one answer the shop
+ *                  cannot apply is rejected, as Magento does, and must arrive there
  *   AMQP_HOST, AMQP_PORT, AMQP_USER, AMQP_PASSWORD, AMQP_VHOST (default the local guest)
  * Also on that breakwater: /v1/recommendations (not replayable, static fallback) and
  * /v1/pricing (no fallback). Exit 0 when every check passed.
@@ -180,11 +183,20 @@ try {
 $applier = new class implements AnswerApplierInterface {
     /** @var array<string, int> */
     public array $applied = [];
+    /** A request the shop cannot apply (until it is "cured"). */
+    public ?string $poison = null;
     public function apply(ResultMessage $result, ?array $pendingRow): void
     {
+        if ($result->requestId === $this->poison) {
+            throw new \RuntimeException("the shop cannot apply {$result->requestId} now");
+        }
         $this->applied[$result->requestId] = ($this->applied[$result->requestId] ?? 0) + 1;
     }
 };
+$deadQueue = getenv('BW_DEAD_QUEUE') ?: null;
+if ($deadQueue !== null) {
+    $applier->poison = $warmup->requestId;
+}
 $handler = new ResultHandler($store, $applier);
 $consumeChannel = new AMQPChannel($amqp);
 $consumeChannel->setPrefetchCount(10);
@@ -193,7 +205,8 @@ $consumer->setName($resultsQueue);
 $firstDeliveries = [];
 $redeliveries = [];
 $problems = [];
-$consume = function (AMQPEnvelope $m, AMQPQueue $q) use ($handler, $queued, &$firstDeliveries, &$redeliveries, &$problems): bool {
+$rejected = [];
+$consume = function (AMQPEnvelope $m, AMQPQueue $q) use ($handler, $queued, $applier, &$firstDeliveries, &$redeliveries, &$rejected, &$problems): bool {
     $raw = json_decode($m->getBody(), true);
     $result = ResultMessage::fromJson($m->getBody());
     if (!isset($queued[$result->requestId])) {
@@ -205,7 +218,15 @@ $consume = function (AMQPEnvelope $m, AMQPQueue $q) use ($handler, $queued, &$fi
     if (($raw['schema_v'] ?? null) !== 2 || !is_array($raw['headers']) || array_is_list($raw['headers']) || !is_string($raw['body'] ?? null) || isset($raw['body_b64'])) {
         $problems[] = 'not the decoder-friendly format: ' . $m->getBody();
     }
-    $appliedNow = $handler->handle($result);
+    try {
+        $appliedNow = $handler->handle($result);
+    } catch (\RuntimeException $e) {
+        // What Magento's consumer does when the handler throws: reject, no requeue.
+        $firstDeliveries[$result->requestId] = ($firstDeliveries[$result->requestId] ?? 0) + 1;
+        $rejected[$result->requestId] = ($rejected[$result->requestId] ?? 0) + 1;
+        $q->reject($m->getDeliveryTag());
+        return count($firstDeliveries) < count($queued) || count($redeliveries) < count($queued) - count($rejected);
+    }
     if (!$m->isRedelivery()) {
         $firstDeliveries[$result->requestId] = ($firstDeliveries[$result->requestId] ?? 0) + 1;
         if ($appliedNow) {
@@ -220,7 +241,7 @@ $consume = function (AMQPEnvelope $m, AMQPQueue $q) use ($handler, $queued, &$fi
         }
     }
     $q->ack($m->getDeliveryTag());
-    return count($redeliveries) < count($queued) || count($firstDeliveries) < count($queued);
+    return count($firstDeliveries) < count($queued) || count($redeliveries) < count($queued) - count($rejected);
 };
 try {
     $consumer->consume($consume, AMQP_NOPARAM, 'magento-integration-' . bin2hex(random_bytes(4)));
@@ -233,8 +254,36 @@ ksort($firstDeliveries);
 $expectOnce = array_fill_keys(array_keys($queued), 1);
 ksort($expectOnce);
 Check::same($expectOnce, $firstDeliveries, 'each replayed request_id delivered exactly once');
+$expectRedelivered = $expectOnce;
+if ($deadQueue !== null) {
+    Check::same([$warmup->requestId => 1], $rejected, 'the answer the shop could not apply was rejected once');
+    unset($expectRedelivered[$warmup->requestId]);
+    Check::same('pending', $store->find($warmup->requestId)['state'] ?? null, 'and is still pending');
+
+    // The README's dead-letter policy sends the rejected message to the dead-letter exchange.
+    $dead = new AMQPQueue(new AMQPChannel($amqp));
+    $dead->setName($deadQueue);
+    $deadline = microtime(true) + 10;
+    $m = false;
+    while (microtime(true) < $deadline && ($m = $dead->get()) === false) {
+        usleep(100_000);
+    }
+    Check::that($m instanceof AMQPEnvelope, "the rejected result reached $deadQueue");
+    $result = ResultMessage::fromJson($m->getBody());
+    Check::same($warmup->requestId, $result->requestId, 'dead-lettered: the rejected request');
+    $death = $m->getHeader('x-death')[0] ?? [];
+    Check::same($resultsQueue, $death['queue'] ?? null, 'x-death names the results queue', $m->getHeaders());
+    Check::same('rejected', $death['reason'] ?? null, 'x-death reason');
+    Check::that($m->getMessageId() !== '' && $m->getMessageId() === $result->msgId, 'dead-lettered: message_id kept');
+    // The shop is fixed; an operator moves the message back (shovel) or, here, applies it.
+    $applier->poison = null;
+    Check::that($handler->handle($result), 'the dead-lettered answer applied once the shop can');
+    Check::that(!$handler->handle($result), 'and only once');
+    $dead->ack($m->getDeliveryTag());
+    Check::same(false, $dead->get(), "nothing else in $deadQueue");
+}
 ksort($redeliveries);
-Check::same($expectOnce, $redeliveries, 'each unacked delivery came back once');
+Check::same($expectRedelivered, $redeliveries, 'each unacked delivery came back once');
 $applied = $applier->applied;
 ksort($applied);
 Check::same($expectOnce, $applied, 'each answer applied exactly once');
