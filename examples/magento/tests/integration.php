@@ -136,6 +136,17 @@ $after = mock('stats')['requests'];
 Check::that($err->status >= 500, 'no fallback left: a 5xx', $err->status);
 Check::same('error', $err->outcome(), 'no fallback left: outcome error');
 Check::same(1, $after - $before, 'the client did not retry the 5xx (one AI call)');
+Check::same($err->requestId, $err->json()['error']['request_id'] ?? null, 'the JSON error names our request id');
+
+// A slow AI: breakwater's deadline ends the call and its fallback answers, not the client's timeout.
+mock('faults', ['error_rate' => 0.0, 'delay_ms' => (int) env('BW_ROUTE_TIMEOUT_MS') + 300]);
+$t0 = microtime(true);
+$slow = $catalog->get('/v1/recommendations');
+$took = (microtime(true) - $t0) * 1000;
+Check::same('fallback', $slow->outcome(), 'slow AI: fallback');
+Check::same('timeout', $slow->reason(), 'slow AI: reason timeout');
+Check::that($took < $catalog->timeoutMs(), "slow AI: answered within the client's timeout", $took);
+mock('faults', ['error_rate' => 1.0, 'error_status' => 503, 'delay_ms' => 0]);
 
 // breakwater connects its DLQ publisher on first use: the first request may only be
 // `spooled` (on disk, published moments later); the next ones are `queued` (confirmed).
