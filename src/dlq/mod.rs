@@ -10,6 +10,7 @@ pub mod envelope;
 mod lanes;
 pub mod parked;
 pub mod rabbit;
+mod results;
 pub mod spool;
 
 use std::collections::HashMap;
@@ -845,18 +846,8 @@ impl Worker {
 
     /// Publishes the AI's answer to the results exchange; true once confirmed.
     async fn publish_result(&self, link: &Link, env: &Envelope, answer: &ReplayAnswer) -> bool {
-        let body = serde_json::json!({
-            "msg_id": env.msg_id,
-            "request_id": env.request_id,
-            "route": env.route,
-            "status": answer.status,
-            "model_version": answer.model_version,
-            "upstream": answer.upstream,
-            "headers": answer.headers,
-            "body_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &answer.body),
-            "replayed_at": crate::audit::rfc3339(std::time::SystemTime::now()),
-            "attempts": env.attempts + 1,
-        });
+        let replayed_at = crate::audit::rfc3339(std::time::SystemTime::now());
+        let body = results::message(env, answer, &replayed_at);
         let mut headers = FieldTable::default();
         headers.insert(
             "request_id".into(),
