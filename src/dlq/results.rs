@@ -80,6 +80,8 @@ mod tests {
             headers: vec![],
             body_b64: String::new(),
             model_version_requested: None,
+            trace_id: None,
+            span_id: None,
         }
     }
 
