@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod driver;
+pub mod instructions;
 pub mod mock;
 pub mod report;
 pub mod scenario;
