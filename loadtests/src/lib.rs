@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod cluster;
 pub mod driver;
 pub mod mock;
 pub mod report;
