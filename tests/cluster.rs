@@ -110,7 +110,7 @@ async fn fleet_fails_over_to_a_second_node_and_loses_nothing() {
         .map(|(i, d)| {
             ProcessProxy::new(
                 d.path(),
-                &sidecar_config(&ai, &route, &format!("bw-{i}"), d.path(), &amqp_url),
+                &sidecar_config(&ai, &route, &format!("sidecar-{i}"), d.path(), &amqp_url),
             )
         })
         .collect();
