@@ -239,6 +239,20 @@ async fn fleet_fails_over_to_a_second_node_and_loses_nothing() {
         "{results_queue} holds {results} results for {} acknowledged requests",
         acked.len()
     );
+    // Each acknowledged request's own result, by its request id (a redelivered replay may
+    // have published a second one).
+    let result_ids: HashSet<String> = cluster::drain_request_ids(&live, &results_queue)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let without: Vec<_> = acked.difference(&result_ids).collect();
+    assert!(
+        without.is_empty(),
+        "{} acknowledged requests have no result in {results_queue}, e.g. {:?}",
+        without.len(),
+        &without[..without.len().min(5)]
+    );
     let busiest = ai.max_replays_per_s();
     assert!(
         busiest as f64 <= RATE as f64 * 1.1,

@@ -261,6 +261,48 @@ pub async fn queue_depth(urls: &[String], queue: &str) -> Option<u32> {
     None
 }
 
+/// Takes every message now in `queue` (acked: destructive) on the first node of `urls`
+/// that answers and returns the `request_id` header of each, in order (breakwater's replay
+/// results carry the original request's id). `None`: no node answered.
+pub async fn drain_request_ids(urls: &[String], queue: &str) -> Option<Vec<String>> {
+    for url in urls {
+        let Ok(Ok(conn)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+        )
+        .await
+        else {
+            continue;
+        };
+        let Ok(ch) = conn.create_channel().await else {
+            continue;
+        };
+        let mut ids = Vec::new();
+        while let Ok(Some(m)) = ch
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+        {
+            let id = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get("request_id") {
+                    Some(lapin::types::AMQPValue::LongString(s)) => Some(s.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            ids.push(id);
+        }
+        let _ = conn.close(200, "done".into()).await;
+        return Some(ids);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -986,10 +986,21 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        // Then by request id: a redelivered replay may have published a result twice.
+        let ids = cluster::drain_request_ids(&cluster_urls, &queue)
+            .await
+            .unwrap_or_default();
+        let distinct = ids
+            .iter()
+            .filter(|i| !i.is_empty())
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64;
         checks.push(Check {
             name: format!("{stream}: every result reached {queue}"),
-            ok: u64::from(depth) >= expected && expected > 0,
-            detail: format!("{depth} results in the queue (counted on the cluster) for {expected} DLQ'd requests"),
+            ok: distinct >= expected && expected > 0,
+            detail: format!(
+                "{depth} results in the queue (counted on the cluster), {distinct} distinct request ids, for {expected} DLQ'd requests"
+            ),
         });
     }
     if let Some(pace) = inv.replay_pace_per_s {
