@@ -102,7 +102,7 @@ pub async fn run(
         proxy: proxy.clone(),
         reloader,
         metrics,
-        listeners_ready: false.into(),
+        lifecycle: admin::readiness::Lifecycle::default(),
         audit: audit.as_ref().map(|a| a.handle.clone()),
         dlq: dlq.as_ref().map(|d| d.handle.clone()),
         amqp: connections,
@@ -359,7 +359,10 @@ fn serve(
         admin_state.proxy.clone(),
         shutdown.clone(),
     ));
-    admin_state.listeners_ready.store(true, Ordering::Release);
+    admin_state
+        .lifecycle
+        .listeners_ready
+        .store(true, Ordering::Release);
     tracing::info!(data = ?data_addr, admin = ?admin_addr, "breakwater serving");
     data
 }
@@ -379,8 +382,9 @@ struct Stopping {
 /// DLQ, then the background tasks.
 async fn stop(s: Stopping) {
     s.admin_state
-        .listeners_ready
-        .store(false, Ordering::Release);
+        .lifecycle
+        .draining
+        .store(true, Ordering::Release);
     tracing::info!("shutdown requested: no new connections; draining in-flight requests");
     let grace_ends = tokio::time::Instant::now() + s.proxy.snapshot().config.server.shutdown_grace;
     let _ = s.data.await;

@@ -374,7 +374,7 @@ async fn config_reload_and_admin_changes_are_recorded_in_the_chain() {
 }
 
 #[tokio::test]
-async fn a_failing_disk_turns_readiness_off_and_requests_still_get_answers() {
+async fn a_failing_disk_turns_readiness_off_in_strict_mode_and_requests_still_get_answers() {
     let ai = MockAi::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("key"), KEY_A).unwrap();
@@ -383,7 +383,14 @@ async fn a_failing_disk_turns_readiness_off_and_requests_still_get_answers() {
         "[audit]\npath = \"/dev/full\"\nhmac_key_file = \"{}\"\n",
         dir.path().join("key").display()
     );
-    let proxy = TestProxy::start(&simple_config(&ai.url(), "", &extra)).await;
+    // Only `strict` readiness turns 503 for it (the default reports it as degraded:
+    // tests/readiness.rs).
+    let cfg = simple_config(&ai.url(), "", &extra).replacen(
+        "watch_config = true\n",
+        "watch_config = true\nreadiness = \"strict\"\n",
+        1,
+    );
+    let proxy = TestProxy::start(&cfg).await;
     assert_eq!(proxy.get("/v1/x").await.status, 200);
     let mut ready = 200;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -740,7 +747,7 @@ async fn a_full_disk_loses_records_only_counted_and_chained_and_shutdown_keeps_i
     );
     let cfg = simple_config(&ai.url(), "", &audit).replace(
         "watch_config = true\n",
-        "watch_config = true\nshutdown_grace_ms = 2000\n",
+        "watch_config = true\nshutdown_grace_ms = 2000\nreadiness = \"strict\"\n",
     );
     let proxy = TestProxy::start(&cfg).await;
     // Room for a hundred records or so; the rest of the burst meets a full disk.

@@ -81,10 +81,33 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub admin_max_connections: usize,
     pub shutdown_grace: Duration,
+    /// What `/readyz` turns 503 for (hot-reloadable: read on every probe).
+    pub readiness: ReadinessMode,
     pub admin_token: Option<AdminToken>,
     pub watch_config: bool,
     pub instance: String,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// `server.readiness`. As a sidecar, a 503 on `/readyz` takes the whole Magento pod out of
+/// its Service, so by default a degraded condition (audit disk, full spool, broker down) is
+/// reported in the body and stays 200; `strict` turns it 503 as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadinessMode {
+    /// Ready once the listeners are bound and the config is loaded; 503 only while draining.
+    #[default]
+    Traffic,
+    /// Any degraded condition is 503 too.
+    Strict,
+}
+
+impl ReadinessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadinessMode::Traffic => "traffic",
+            ReadinessMode::Strict => "strict",
+        }
+    }
 }
 
 /// The bearer token guarding mutating admin calls. Debug never prints it.

@@ -185,6 +185,7 @@ fn unreachable_server() -> ServerConfig {
         max_connections: 4096,
         admin_max_connections: 64,
         shutdown_grace: Duration::from_secs(15),
+        readiness: ReadinessMode::Traffic,
         admin_token: None,
         watch_config: true,
         instance: "breakwater".into(),
@@ -271,6 +272,17 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         "must be at least 1",
     );
     let shutdown_grace = ms(s.shutdown_grace_ms, 15_000);
+    let readiness = match s.readiness.as_deref().unwrap_or("traffic") {
+        "traffic" => ReadinessMode::Traffic,
+        "strict" => ReadinessMode::Strict,
+        other => {
+            e.add(
+                "server.readiness",
+                format!("expected \"traffic\" or \"strict\", got {other:?}"),
+            );
+            ReadinessMode::Traffic
+        }
+    };
     let admin_token = s.admin_token_file.as_ref().and_then(|f| {
         let bytes = read_file(e, f, "server.admin_token_file")?;
         let token = String::from_utf8_lossy(&bytes).trim().to_string();
@@ -301,6 +313,7 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         max_connections,
         admin_max_connections,
         shutdown_grace,
+        readiness,
         admin_token,
         watch_config: s.watch_config.unwrap_or(true),
         instance,

@@ -119,6 +119,9 @@ struct Inner {
     writer: SpoolWriter,
     routes: Mutex<HashMap<String, Arc<RouteCounters>>>,
     publisher_connected: AtomicBool,
+    /// The last connection attempt found no node (set on failure, cleared on success;
+    /// false before the first attempt, which waits for the first message).
+    broker_unreachable: AtomicBool,
     publisher_blocked: AtomicBool,
     started: std::time::Instant,
     pacers: Mutex<HashMap<String, Pacer>>,
@@ -157,6 +160,14 @@ impl DlqHandle {
     /// Why the spool rejects new messages, while it does (readiness: degraded).
     pub fn spool_rejecting(&self) -> Option<String> {
         self.inner.writer.state.rejecting()
+    }
+
+    /// Why the broker counts as unreachable, while it does (readiness: degraded). Spool-only
+    /// mode (no `amqp_url`) never is.
+    pub fn broker_unreachable(&self) -> Option<String> {
+        (self.inner.settings.amqp_url.is_some()
+            && self.inner.broker_unreachable.load(Ordering::Relaxed))
+        .then(|| "RabbitMQ is unreachable: DLQ messages stay in the local spool".to_string())
     }
 
     /// Spools the message; returns once it is fsync'd (`spooled`), or confirmed by
@@ -377,6 +388,7 @@ pub fn start(
         writer,
         routes: Mutex::new(HashMap::new()),
         publisher_connected: AtomicBool::new(false),
+        broker_unreachable: AtomicBool::new(false),
         publisher_blocked: AtomicBool::new(false),
         started: std::time::Instant::now(),
         pacers: Mutex::new(HashMap::new()),
@@ -521,12 +533,14 @@ async fn publish_batch(
         connector.lost();
         match Link::connect(connector, &inner.settings.topology()).await {
             Ok(l) => {
+                inner.broker_unreachable.store(false, Ordering::Relaxed);
                 let node = connector.current().unwrap_or(0);
                 tracing::info!(node, url = %connector.endpoints().masked(node), "DLQ publisher connected to RabbitMQ");
                 *link = Some(l);
                 *attempt = 0;
             }
             Err(e) => {
+                inner.broker_unreachable.store(true, Ordering::Relaxed);
                 *attempt += 1;
                 tracing::warn!(error = %e, attempt = *attempt, "RabbitMQ unreachable; DLQ messages stay in the spool");
                 return 0;
