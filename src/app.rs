@@ -164,6 +164,7 @@ fn start_audit(
         block_timeout: a.block_timeout,
         instance,
         publish,
+        checkpoint: a.checkpoint.clone(),
     })
     .map_err(|e| AppError::Start {
         what: "the decision log",

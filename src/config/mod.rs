@@ -231,6 +231,8 @@ pub struct AuditConfig {
     pub fsync_max_records: usize,
     /// Copies of the written lines to a RabbitMQ exchange for central collection.
     pub publish: Option<AuditPublishConfig>,
+    /// Signed checkpoints (`signing_key_file`, `checkpoint_interval_ms`).
+    pub checkpoint: Option<crate::audit::writer::CheckpointSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
