@@ -35,6 +35,7 @@ pub(crate) mod window;
 /// rest is `pub(crate)`, so that the compiler reports dead code.
 pub mod cli {
     pub use crate::amqp::Endpoints;
+    pub use crate::audit::changes::{changes as audit_changes, table as changes_table};
     pub use crate::audit::checkpoint::{keygen, PublicKey};
     pub use crate::audit::collect::{run as audit_collect, CollectSettings, CollectSummary};
     pub use crate::audit::verify::verify_signed;

@@ -71,6 +71,14 @@ enum AuditCommand {
         #[arg(long)]
         public_key: Option<PathBuf>,
     },
+    /// Print the change trail (config reloads with the routes changed, admin changes with
+    /// the token's fingerprint, canary rollbacks) as a table, oldest first.
+    Changes {
+        paths: Vec<PathBuf>,
+        /// Only changes at or after this time (RFC 3339, e.g. 2026-12-02T14:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Write a new checkpoint signing key pair into DIR: signing.key (0600, for
     /// `[audit] signing_key_file`) and signing.pub (for `audit verify --public-key`).
     Keygen { dir: PathBuf },
@@ -277,10 +285,23 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match command {
-        AuditCommand::Verify { paths, .. } | AuditCommand::Find { paths, .. }
+        AuditCommand::Verify { paths, .. }
+        | AuditCommand::Find { paths, .. }
+        | AuditCommand::Changes { paths, .. }
             if paths.is_empty() =>
         {
             anyhow::bail!("give at least one decision log file or directory")
+        }
+        AuditCommand::Changes { paths, since } => {
+            let since = since
+                .map(|t| {
+                    humantime::parse_rfc3339_weak(&t)
+                        .with_context(|| format!("--since: not an RFC 3339 time: {t:?}"))
+                })
+                .transpose()?;
+            let changes = breakwater::cli::audit_changes(&paths, since)?;
+            out.write_all(breakwater::cli::changes_table(&changes).as_bytes())?;
+            Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Keygen { dir } => {
             let pair = breakwater::cli::keygen(&dir)

@@ -1027,3 +1027,88 @@ async fn signed_checkpoints_catch_a_cut_tail_a_rewritten_log_and_a_forged_checkp
         assert!(out.contains("BadCheckpoint"), "{out}");
     }
 }
+
+/// Issue 15: the change trail. A reload (a changed route) and an admin change both appear
+/// in `audit changes` with the config hashes before and after, the routes changed and the
+/// actor; `--since` after them leaves them out.
+#[tokio::test]
+async fn audit_changes_shows_a_reload_and_an_admin_change_with_their_hashes() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = simple_config(&ai.url(), "", &audit_section(dir.path(), KEY_A, ""));
+    let proxy = TestProxy::start(&cfg).await;
+    let before = proxy.admin_get("/admin/config").await.unwrap().json()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &proxy.config_path,
+        cfg.replace("timeout_ms = 2000", "timeout_ms = 1500"),
+    )
+    .unwrap();
+    assert_eq!(
+        proxy.admin_post("/admin/reload", "", None).await.status,
+        200
+    );
+    let after = proxy.admin_get("/admin/config").await.unwrap().json()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(before, after);
+    assert_eq!(
+        proxy
+            .admin_post("/admin/routes/ai/ai", r#"{"enabled":false}"#, None)
+            .await
+            .status,
+        200
+    );
+    proxy.stop().await;
+    let changes = |extra: &[&str]| {
+        let out = Command::new(breakwater_bin())
+            .args(["audit", "changes"])
+            .args(extra)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = changes(&[]);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("TIME"), "{table}");
+    let reload = rows
+        .iter()
+        .find(|r| r.contains("config_reload"))
+        .unwrap_or_else(|| panic!("no reload row:\n{table}"));
+    assert!(
+        reload.contains(&format!("{} → {}", &before[..12], &after[..12])),
+        "{table}"
+    );
+    assert!(
+        reload.contains(r#"routes_changed={"added":[],"changed":["ai"],"removed":[]}"#),
+        "{table}"
+    );
+    assert!(
+        reload.contains("anonymous"),
+        "the admin reload's actor: {table}"
+    );
+    let admin = rows
+        .iter()
+        .find(|r| r.contains("admin_change"))
+        .unwrap_or_else(|| panic!("no admin row:\n{table}"));
+    assert!(
+        admin.contains(&format!("{} → {}", &after[..12], &after[..12])),
+        "{table}"
+    );
+    assert!(
+        admin.contains("action=ai_enabled") && admin.contains("anonymous"),
+        "{table}"
+    );
+    assert_eq!(rows.len(), 3, "decisions are not changes: {table}");
+    let later = changes(&["--since", "2999-01-01T00:00:00Z"]);
+    assert_eq!(later.lines().count(), 1, "{later}");
+}
