@@ -1102,6 +1102,45 @@ mod tests {
             .unwrap();
     }
 
+    /// A quiet log still gets its checkpoint (the ticker wakes the writer), and only one:
+    /// a checkpoint with no record after it anchors nothing new.
+    #[tokio::test]
+    async fn a_quiet_log_gets_one_checkpoint_from_the_ticker() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let pair = crate::audit::checkpoint::keygen(&keys).unwrap();
+        let signer = Signer::from_file_bytes(&std::fs::read(&pair.key_file).unwrap()).unwrap();
+        let mut s = settings(dir.path(), Duration::from_millis(1), 16);
+        s.checkpoint = Some(CheckpointSettings {
+            signer: Arc::new(signer),
+            interval: Duration::from_millis(50),
+        });
+        let (handle, thread) = start(s).unwrap();
+        for i in 0..3 {
+            handle.submit(decision(i)).await;
+        }
+        assert!(handle.flush(Duration::from_secs(20)).await);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let log = dir.path().join("decisions.jsonl");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let cps = lines.iter().filter(|l| l["event"] == "checkpoint").count();
+        assert_eq!(cps, 1, "{text}");
+        assert_eq!(lines.last().unwrap()["event"], "checkpoint", "{text}");
+        assert_eq!(lines.last().unwrap()["detail"]["count"], 3);
+        drop(handle);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        let key = crate::audit::checkpoint::PublicKey::load(&pair.pub_file).unwrap();
+        let report = crate::audit::verify::verify_signed(&[log], Some(&key)).unwrap();
+        assert!(report.ends_at_checkpoint());
+        assert_eq!(report.checkpoints, 1);
+    }
+
     /// A group commit larger than `rotate_bytes` is split over files: with the writer held
     /// for one big batch, 60 records at a 4 KiB bound still rotate, and the chain verifies.
     #[tokio::test]
