@@ -1112,3 +1112,66 @@ async fn audit_changes_shows_a_reload_and_an_admin_change_with_their_hashes() {
     let later = changes(&["--since", "2999-01-01T00:00:00Z"]);
     assert_eq!(later.lines().count(), 1, "{later}");
 }
+
+/// Issue 15: checkpoints are lines of the chain, so `publish_url` carries them to RabbitMQ
+/// too, an external witness of the head: the final checkpoint of a clean shutdown arrives,
+/// byte for byte, after every record it anchors.
+#[tokio::test]
+async fn checkpoints_reach_rabbitmq_with_the_lines_they_anchor() {
+    if !rabbit::available().await {
+        return;
+    }
+    use lapin::options::*;
+    let (_conn, ch) = rabbit::channel().await;
+    let name = rabbit::unique_route("audit_checkpoint");
+    let exchange = format!("test.audit.{name}");
+    let queue = format!("test.audit.{name}");
+    rabbit::bound_queue(&ch, &exchange, &queue, "audit.#").await;
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(&dir.path().join("keys"));
+    let extra = format!(
+        "publish_url = \"{}\"\npublish_exchange = \"{exchange}\"\nsigning_key_file = \"{}\"\n",
+        rabbit::URL,
+        key.display()
+    );
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(dir.path(), KEY_A, &extra),
+    ))
+    .await;
+    for i in 0..5 {
+        proxy
+            .post("/v1/grading", format!("{{\"essay\":{i}}}"))
+            .await;
+    }
+    proxy.stop().await;
+    let log = dir.path().join("decisions.jsonl");
+    let file = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = file.lines().collect();
+    assert!(lines.last().unwrap().contains("\"event\":\"checkpoint\""));
+    let mut copies = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while copies.len() < lines.len() && tokio::time::Instant::now() < deadline {
+        for m in rabbit::drain(&ch, &queue).await {
+            copies.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        copies, lines,
+        "the checkpoint did not travel with the lines"
+    );
+    // The copies verify on their own, anchored by the witnessed checkpoint.
+    let copy = dir.path().join("copy.jsonl");
+    write_lines(&copy, &copies);
+    let (code, out) = verify_signed(&copy, &public);
+    assert_eq!(code, 0, "{out}");
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+}
