@@ -667,7 +667,9 @@ impl Writer {
         };
         let due = self.last_checkpoint.elapsed() >= cp.interval;
         let records = batch.iter().any(|m| matches!(m, Msg::Entry(_)));
-        if forced || (due && (asked || records)) {
+        // Nothing written since the last checkpoint (or at all): no write, no fsync.
+        let anchored = self.seq == 0 || self.checkpoint_seq == Some(self.seq);
+        if (records || !anchored) && (forced || (due && (asked || records))) {
             batch.push(Msg::Checkpoint { force: forced });
         }
     }
