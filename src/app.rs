@@ -164,6 +164,7 @@ fn start_audit(
         block_timeout: a.block_timeout,
         instance,
         publish,
+        checkpoint: a.checkpoint.clone(),
     })
     .map_err(|e| AppError::Start {
         what: "the decision log",
@@ -287,12 +288,14 @@ fn installer(proxy: Arc<Proxy>) -> Installer {
             }
             reload::refuse_restart_only(&old.config, &config)?;
             telemetry::register_series(&config);
+            let routes_changed = old.config.routes_changed(&config);
             let snapshot = proxy.install(config)?;
             if let Some(events) = proxy.shared.events() {
                 events.emit(
                     "config_reload",
                     serde_json::json!({
                         "trigger": trigger,
+                        "routes_changed": routes_changed,
                         "config_gen": snapshot.generation,
                         "config_hash_before": old.config.hash,
                         "config_hash_after": snapshot.config.hash,

@@ -254,6 +254,8 @@ pub struct AuditConfig {
     pub fsync_max_records: usize,
     /// Copies of the written lines to a RabbitMQ exchange for central collection.
     pub publish: Option<AuditPublishConfig>,
+    /// Signed checkpoints (`signing_key_file`, `checkpoint_interval_ms`).
+    pub checkpoint: Option<crate::audit::writer::CheckpointSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -302,6 +304,30 @@ impl Config {
             }],
         })?;
         Config::from_toml(&text)
+    }
+
+    /// The routes `new` adds, removes or changes against this config, by name: what a
+    /// `config_reload` event records. Compared on their raw form, never logged.
+    pub fn routes_changed(&self, new: &Config) -> serde_json::Value {
+        let map = |c: &Config| -> BTreeMap<String, serde_json::Value> {
+            c.raw
+                .routes
+                .iter()
+                .map(|r| {
+                    let v = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
+                    (r.name.clone(), v)
+                })
+                .collect()
+        };
+        let (old, new) = (map(self), map(new));
+        let added: Vec<&String> = new.keys().filter(|k| !old.contains_key(*k)).collect();
+        let removed: Vec<&String> = old.keys().filter(|k| !new.contains_key(*k)).collect();
+        let changed: Vec<&String> = new
+            .iter()
+            .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
+            .map(|(k, _)| k)
+            .collect();
+        serde_json::json!({"added": added, "removed": removed, "changed": changed})
     }
 
     pub fn route(&self, name: &str) -> Option<&Arc<RouteConfig>> {

@@ -259,6 +259,8 @@ pub struct RawAudit {
     pub publish_url: Option<UrlList>,
     pub publish_exchange: Option<String>,
     pub publish_buffer: Option<usize>,
+    pub signing_key_file: Option<String>,
+    pub checkpoint_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

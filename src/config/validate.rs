@@ -12,6 +12,8 @@ use bytes::Bytes;
 use super::raw::*;
 use super::*;
 use crate::access_log::{AccessLogConfig, Target};
+use crate::audit::checkpoint::Signer;
+use crate::audit::writer::CheckpointSettings;
 
 const MIB: u64 = 1024 * 1024;
 /// Loopback: the admin API is not reachable from the network unless the config says so.
@@ -1038,6 +1040,33 @@ fn validate_audit(e: &mut Errors, a: &RawAudit) -> Option<AuditConfig> {
         fsync_interval: positive_ms(e, a.fsync_interval_ms, 10, "audit.fsync_interval_ms"),
         fsync_max_records: a.fsync_max_records.unwrap_or(256).max(1),
         publish: validate_audit_publish(e, a),
+        checkpoint: validate_checkpoint(e, a),
+    })
+}
+
+/// Checkpoints every `checkpoint_interval_ms` (60 s by default) once a key is set.
+fn validate_checkpoint(e: &mut Errors, a: &RawAudit) -> Option<CheckpointSettings> {
+    let Some(file) = &a.signing_key_file else {
+        e.check(
+            a.checkpoint_interval_ms.is_none(),
+            "audit.checkpoint_interval_ms",
+            "needs audit.signing_key_file",
+        );
+        return None;
+    };
+    let interval = positive_ms(
+        e,
+        a.checkpoint_interval_ms,
+        60_000,
+        "audit.checkpoint_interval_ms",
+    );
+    let bytes = read_file(e, file, "audit.signing_key_file")?;
+    let signer = Signer::from_file_bytes(&bytes)
+        .map_err(|m| e.add("audit.signing_key_file", m))
+        .ok()?;
+    Some(CheckpointSettings {
+        signer: Arc::new(signer),
+        interval,
     })
 }
 
