@@ -120,33 +120,38 @@ fn dump_total(path: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("no summary line in {}", path.display()))
 }
 
-/// The costliest functions by exclusive instructions, via `callgrind_annotate`.
+/// The costliest functions by exclusive instructions, read from the dump itself: the
+/// cost lines under each `fn=`, except the line after `calls=` (a callee's inclusive cost).
 fn top_functions(path: &Path, n: usize) -> Vec<(u64, String)> {
-    let Ok(out) = std::process::Command::new("callgrind_annotate")
-        .args(["--inclusive=no", "--threshold=99"])
-        .arg(path)
-        .output()
-    else {
+    let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let (count, rest) = l.split_once(' ')?;
-            let count: u64 = count.replace(',', "").parse().ok()?;
-            let name = rest
-                .trim()
-                .trim_start_matches(|c: char| {
-                    c == '(' || c.is_ascii_digit() || c == '.' || c == '%' || c == ')'
-                })
-                .trim();
-            // Skip the file header and the total line.
-            (!name.is_empty() && !name.starts_with("PROGRAM TOTALS"))
-                .then(|| (count, name.to_string()))
-        })
-        .take(n)
-        .collect()
+    let mut costs: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut current = String::new();
+    let mut callee_cost_next = false;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("fn=") {
+            current = name.to_string();
+            callee_cost_next = false;
+        } else if line.starts_with("calls=") {
+            callee_cost_next = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '*')) {
+            if std::mem::take(&mut callee_cost_next) {
+                continue;
+            }
+            if let Some(ir) = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                *costs.entry(current.clone()).or_default() += ir;
+            }
+        }
+    }
+    let mut top: Vec<(u64, String)> = costs.into_iter().map(|(f, c)| (c, f)).collect();
+    top.sort_by_key(|t| std::cmp::Reverse(t.0));
+    top.truncate(n);
+    top
 }
 
 async fn measure(t: &Target, args: &InstrArgs, dir: &Path) -> anyhow::Result<InstrRow> {
@@ -158,6 +163,8 @@ async fn measure(t: &Target, args: &InstrArgs, dir: &Path) -> anyhow::Result<Ins
         "--tool=callgrind".to_string(),
         format!("--callgrind-out-file={}", out_base.display()),
         "--dump-instr=no".into(),
+        // Each dump names its functions itself: a dump after `--zero` is read on its own.
+        "--compress-strings=no".into(),
         "--trace-children=no".into(),
         t.program.display().to_string(),
     ];
