@@ -428,7 +428,8 @@ async fn close_audit(audit: &Audit, grace_ends: tokio::time::Instant) {
 }
 
 /// Breakers move from open to half-open by the clock, not by an event: refresh their
-/// gauges every second, and count the seconds each route spends degraded.
+/// gauges every second, and count the seconds each route spends degraded (breaker open or
+/// forced open, AI disabled, or its last answer refused as unapproved).
 async fn route_gauges(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -446,7 +447,8 @@ async fn route_gauges(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                     crate::breaker::BreakerState::Open | crate::breaker::BreakerState::ForcedOpen
                 )
             });
-            if breaker_down || !state.ai.enabled() {
+            // Answers refused as unapproved leave the route on its fallbacks too.
+            if breaker_down || !state.ai.enabled() || state.unapproved.get() {
                 metrics::counter!(telemetry::DEGRADED_SECONDS, "route" => name.clone())
                     .increment(1);
             }

@@ -35,6 +35,8 @@ pub const MODEL_VERSION_REQUESTS: &str = "breakwater_model_version_requests_tota
 pub const MODEL_VERSION_DURATION: &str = "breakwater_model_version_duration_seconds";
 pub const MODEL_VERSION_ERRORS: &str = "breakwater_model_version_errors_total";
 pub const DEGRADED_SECONDS: &str = "breakwater_degraded_seconds_total";
+pub const UNAPPROVED_VERSION_TOTAL: &str = "breakwater_unapproved_version_total";
+pub const SCHEMA_VIOLATIONS_TOTAL: &str = "breakwater_schema_violations_total";
 pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
 pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
@@ -198,6 +200,14 @@ fn describe() {
         DEGRADED_SECONDS,
         "Seconds a route spent degraded (breaker open or AI disabled)"
     );
+    describe_counter!(
+        UNAPPROVED_VERSION_TOTAL,
+        "AI answers from a model version outside the route's approved_versions"
+    );
+    describe_counter!(
+        SCHEMA_VIOLATIONS_TOTAL,
+        "AI answers that did not match the route's response_schema"
+    );
 }
 
 /// Starts at zero the counters that alerts watch, for what `config` enables, so a first
@@ -221,6 +231,9 @@ pub fn register_series(config: &crate::config::Config) {
     for route in &config.routes {
         let name = route.name.to_string();
         metrics::counter!(DEGRADED_SECONDS, "route" => name.clone()).increment(0);
+        if route.response_schema.is_some() {
+            metrics::counter!(SCHEMA_VIOLATIONS_TOTAL, "route" => name.clone()).increment(0);
+        }
         for v in &route.variants {
             metrics::counter!(CANARY_ROLLBACKS, "route" => name.clone(), "variant" => v.name.clone())
                 .increment(0);

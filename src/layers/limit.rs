@@ -81,7 +81,7 @@ where
         Box::pin(async move {
             let result = fut.await;
             if let Some(permit) = guard.permit.take() {
-                if let Some(outcome) = outcome_of(&result) {
+                if let Some(outcome) = outcome_of(&result).and_then(CallOutcome::for_limit) {
                     permit.record(outcome, guard.started.elapsed());
                 }
             }

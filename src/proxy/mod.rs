@@ -37,6 +37,7 @@ use crate::exchange::headers::{self, IDEMPOTENCY_KEY, X_OUTCOME, X_REQUEST_ID};
 use crate::exchange::{ProxyBody, ProxyRequest, RequestMeta};
 use crate::fallback::Fallback;
 use crate::layers::breaker::{BreakerLayer, SharedBreaker};
+use crate::layers::comply::{ComplyLayer, SeenVersions, UnapprovedFlag};
 use crate::layers::dlq::{DeadLetters, DlqLayer};
 use crate::layers::fallback::FallbackLayer;
 use crate::layers::kill::{AiSwitch, KillSwitchLayer};
@@ -75,6 +76,8 @@ pub struct RouteState {
     pub breaker: Option<Arc<SharedBreaker>>,
     pub ai: Arc<AiSwitch>,
     pub canary: Arc<CanaryRoute>,
+    /// The last answer was refused as unapproved: the route counts as degraded.
+    pub unapproved: Arc<UnapprovedFlag>,
     budget: Option<(RetryConfig, Arc<RetryBudget>)>,
     cache: Option<(CacheKey, Arc<ResponseCache>)>,
 }
@@ -99,6 +102,8 @@ pub struct Shared {
     access_log: OnceLock<crate::access_log::AccessLog>,
     /// `[tracing]`, once started.
     tracing: OnceLock<Arc<crate::otel::Tracing>>,
+    /// Unapproved model versions already reported (one event per new version).
+    seen_versions: Arc<SeenVersions>,
 }
 
 impl Shared {
@@ -278,10 +283,12 @@ impl Shared {
             prev.map(|p| &*p.canary),
             variant_breaker,
         );
+        let unapproved = prev.map(|p| p.unapproved.clone()).unwrap_or_default();
         Arc::new(RouteState {
             breaker,
             ai,
             canary,
+            unapproved,
             budget,
             cache,
         })
@@ -552,7 +559,9 @@ pub fn build_stack(
         .get(&route.upstream)
         .ok_or_else(|| format!("unknown upstream {}", route.upstream))?;
     let upstream = shared.upstream(up_cfg)?;
-    let needs_body = route.model_version_pointer.is_some() || state.cache.is_some();
+    let needs_body = route.model_version_pointer.is_some()
+        || state.cache.is_some()
+        || route.response_schema.is_some();
     let buffer_limit = needs_body.then_some(config.server.max_response_buffer_bytes);
 
     let mut chain = Vec::new();
@@ -607,6 +616,14 @@ pub fn build_stack(
             // the bulkhead, the canary and the retry above all see the timeout as a failure.
             .layer(AttemptTimeoutLayer::new(
                 route.retry.as_ref().and_then(|r| r.attempt_timeout),
+            ))
+            // Judges the answer's content (approved model version, response schema): a
+            // refused answer is an error from here up, for the breaker, bulkhead and canary.
+            .option_layer(ComplyLayer::for_route(
+                route,
+                shared.seen_versions.clone(),
+                shared.events(),
+                state.unapproved.clone(),
             ))
             // Innermost: one call to the AI upstream; 5xx/429 become errors here.
             .service(Forward::new(

@@ -1,0 +1,256 @@
+//! Compliance controls through real sockets: approved model versions, response
+//! validation, RTO tracking and criticality-ordered load shedding.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::Path;
+
+use support::*;
+
+const STATIC_FB: &str =
+    "[[routes.fallback]]\nkind = \"static\"\nstatus = 200\nbody = '{\"source\":\"static\"}'\n";
+
+/// An `[audit]` section writing to `dir/decisions.jsonl`.
+fn audit_section(dir: &Path) -> String {
+    std::fs::write(
+        dir.join("key"),
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    format!(
+        "[audit]\npath = \"{}\"\nhmac_key_file = \"{}\"\n",
+        dir.join("decisions.jsonl").display(),
+        dir.join("key").display()
+    )
+}
+
+fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("decisions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A config with one route named `route` on `/` to `upstream_url`.
+fn route_config(route: &str, upstream_url: &str, route_extra: &str, extra: &str) -> String {
+    format!(
+        "{}\n[upstreams.ai]\nurl = \"{upstream_url}\"\n\n[[routes]]\nname = \"{route}\"\npath_prefix = \"/\"\nupstream = \"ai\"\ntimeout_ms = 2000\nmodel_version_header = \"x-model-version\"\n{route_extra}\n{extra}",
+        server_section()
+    )
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn an_unapproved_version_is_answered_by_the_fallback_with_one_event_per_new_version() {
+    let ai = MockAi::start().await;
+    ai.set_model_version("rec-v7");
+    let dir = tempfile::tempdir().unwrap();
+    let route_extra = format!("approved_versions = [\"rec-v7\"]\n{STATIC_FB}");
+    let proxy = TestProxy::start(&route_config(
+        "appr-fallback",
+        &ai.url(),
+        &route_extra,
+        &audit_section(dir.path()),
+    ))
+    .await;
+    let r = proxy.get("/v1/x").await;
+    assert_eq!(r.outcome(), "ai");
+    assert_eq!(r.header("x-breakwater-model-version"), Some("rec-v7"));
+
+    // A patch swaps the model without a conformity assessment.
+    ai.set_model_version("rec-v9");
+    for _ in 0..5 {
+        let r = proxy.get("/v1/x").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.outcome(), "fallback");
+        assert_eq!(r.header("x-breakwater-reason"), Some("unapproved_version"));
+        assert_eq!(
+            r.json()["source"],
+            "static",
+            "the AI's answer leaked through"
+        );
+    }
+    ai.set_model_version("rec-v10");
+    proxy.get("/v1/x").await;
+    ai.set_model_version("rec-v7");
+    assert_eq!(proxy.get("/v1/x").await.outcome(), "ai");
+
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "breakwater_unapproved_version_total{route=\"appr-fallback\",model_version=\"rec-v9\"} "
+        ),
+        5.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "breakwater_unapproved_version_total{route=\"appr-fallback\",model_version=\"rec-v10\"} "
+        ),
+        1.0
+    );
+    proxy.stop().await;
+    let lines = log_lines(dir.path());
+    let events: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "unapproved_version")
+        .collect();
+    assert_eq!(events.len(), 2, "one event per new version: {events:#?}");
+    assert_eq!(events[0]["detail"]["model_version"], "rec-v9");
+    assert_eq!(events[0]["detail"]["on_unapproved"], "fallback");
+    assert_eq!(events[1]["detail"]["model_version"], "rec-v10");
+    let replaced: Vec<_> = lines
+        .iter()
+        .filter(|l| l["reason"] == "unapproved_version")
+        .collect();
+    assert_eq!(replaced.len(), 6);
+    assert!(replaced.iter().all(|l| l["outcome"] == "fallback"));
+    assert_eq!(replaced[0]["model_version"], "rec-v9");
+}
+
+#[tokio::test]
+async fn under_flag_an_unapproved_answer_passes_marked_in_the_decision_record() {
+    let ai = MockAi::start().await;
+    ai.set_model_version("rec-v9");
+    let dir = tempfile::tempdir().unwrap();
+    let route_extra =
+        format!("approved_versions = [\"rec-v7\"]\non_unapproved = \"flag\"\n{STATIC_FB}");
+    let proxy = TestProxy::start(&route_config(
+        "appr-flag",
+        &ai.url(),
+        &route_extra,
+        &audit_section(dir.path()),
+    ))
+    .await;
+    for _ in 0..3 {
+        let r = proxy.get("/v1/x").await;
+        assert_eq!(r.outcome(), "ai");
+        assert_eq!(r.json()["model"]["version"], "rec-v9");
+    }
+    ai.set_model_version("rec-v7");
+    assert_eq!(proxy.get("/v1/x").await.outcome(), "ai");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "breakwater_unapproved_version_total{route=\"appr-flag\",model_version=\"rec-v9\"} "
+        ),
+        3.0,
+        "{m}"
+    );
+    proxy.stop().await;
+    let lines = log_lines(dir.path());
+    let decisions: Vec<_> = lines
+        .iter()
+        .filter(|l| l["route"] == "appr-flag" && l.get("event").is_none())
+        .collect();
+    assert_eq!(decisions.len(), 4);
+    for d in &decisions[..3] {
+        assert_eq!(d["unapproved"], true, "{d}");
+        assert_eq!(d["outcome"], "ai");
+    }
+    assert!(
+        decisions[3].get("unapproved").is_none(),
+        "an approved answer keeps its bytes: {}",
+        decisions[3]
+    );
+    let events: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "unapproved_version")
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["detail"]["on_unapproved"], "flag");
+}
+
+#[tokio::test]
+async fn a_model_swapped_under_an_approved_version_string_is_caught_by_its_digest() {
+    let ai = MockAi::start().await;
+    ai.set_model_version("rec-v7");
+    ai.set_model_digest("sha256:aaaa");
+    let route_extra = format!(
+        "approved_versions = [{{ version = \"rec-v7\", digest = \"sha256:aaaa\" }}, \"rec-v8\"]\n{STATIC_FB}"
+    );
+    let proxy = TestProxy::start(&route_config("appr-digest", &ai.url(), &route_extra, "")).await;
+    assert_eq!(proxy.get("/v1/x").await.outcome(), "ai");
+    ai.set_model_digest("sha256:bbbb");
+    let r = proxy.get("/v1/x").await;
+    assert_eq!(r.outcome(), "fallback");
+    assert_eq!(r.header("x-breakwater-reason"), Some("unapproved_version"));
+    // A pinned version that reports no digest is not approved either.
+    ai.set_model_digest("");
+    assert_eq!(proxy.get("/v1/x").await.outcome(), "fallback");
+    // An unpinned version needs no digest.
+    ai.set_model_version("rec-v8");
+    assert_eq!(proxy.get("/v1/x").await.outcome(), "ai");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_canary_serving_an_unapproved_version_is_rolled_back() {
+    let (base, v9) = (MockAi::start().await, MockAi::start().await);
+    base.set_model_version("rec-v7");
+    v9.set_model_version("rec-v9");
+    let config = format!(
+        "{}\n[upstreams.rec]\nurl = \"{}\"\n[upstreams.rec-v9]\nurl = \"{}\"\n\n\
+         [[routes]]\nname = \"appr-canary\"\npath_prefix = \"/\"\nupstream = \"rec\"\ntimeout_ms = 2000\n\
+         model_version_header = \"x-model-version\"\napproved_versions = [\"rec-v7\"]\n{STATIC_FB}\
+         [[routes.variants]]\nname = \"v9\"\nupstream = \"rec-v9\"\nweight = 50\n\
+         [routes.canary]\nauto_rollback = true\nmax_error_rate = 0.1\nmin_requests = 10\nwindow_ms = 5000\n",
+        server_section(),
+        base.url(),
+        v9.url()
+    );
+    let proxy = TestProxy::start(&config).await;
+    for _ in 0..200 {
+        let r = proxy.get("/v1/x").await;
+        assert_eq!(r.status, 200);
+        if r.outcome() == "ai" {
+            assert_eq!(r.header("x-breakwater-model-version"), Some("rec-v7"));
+        }
+    }
+    let inv = proxy.admin_get("/admin/inventory").await.unwrap().json();
+    assert_eq!(inv["routes"][0]["variants"][0]["weight"], 0.0, "{inv:#}");
+    let at_rollback = v9.requests();
+    for _ in 0..20 {
+        assert_eq!(proxy.get("/v1/x").await.outcome(), "ai");
+    }
+    assert_eq!(v9.requests(), at_rollback);
+    proxy.stop().await;
+}
+
+#[test]
+fn approval_config_errors_name_their_key() {
+    let base = |extra: &str| {
+        format!(
+            "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n[upstreams.a]\nurl=\"http://127.0.0.1:1\"\n\
+             [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\n{extra}"
+        )
+    };
+    let err = |extra: &str| {
+        breakwater::config::Config::from_toml(&base(extra))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err("approved_versions = [\"v7\"]\n").contains("routes[0].approved_versions"));
+    let e = err(
+        "model_version_header = \"x-model-version\"\napproved_versions = [\"v7\"]\non_unapproved = \"drop\"\n",
+    );
+    assert!(e.contains("routes[0].on_unapproved"), "{e}");
+    assert!(err("on_unapproved = \"flag\"\n").contains("routes[0].on_unapproved"));
+    let e = err("model_version_header = \"x-model-version\"\napproved_versions = []\n");
+    assert!(e.contains("at least one"), "{e}");
+    breakwater::config::Config::from_toml(&base(
+        "model_version_header = \"x-model-version\"\napproved_versions = [\"v7\", { version = \"v8\", digest = \"sha256:1\" }]\non_unapproved = \"flag\"\n",
+    ))
+    .unwrap();
+}
