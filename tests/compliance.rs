@@ -254,3 +254,184 @@ fn approval_config_errors_name_their_key() {
     ))
     .unwrap();
 }
+
+const ANSWER_SCHEMA: &str = r#"{
+  "type": "object",
+  "required": ["model", "items"],
+  "additionalProperties": false,
+  "properties": {
+    "model": {"type": "object", "required": ["version"], "additionalProperties": false,
+              "properties": {"version": {"type": "string"}}},
+    "items": {"type": "array", "items": {"type": "object", "required": ["course"],
+              "additionalProperties": false, "properties": {"course": {"type": "string"}}}}
+  }
+}"#;
+
+/// A route whose AI echoes the request body (`POST /echo`), so each test writes the answer.
+async fn schema_proxy(
+    route: &str,
+    ai: &MockAi,
+    route_extra: &str,
+) -> (TestProxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("answer.json");
+    std::fs::write(&schema, ANSWER_SCHEMA).unwrap();
+    let extra = format!(
+        "response_schema = \"{}\"\n{route_extra}{STATIC_FB}",
+        schema.display()
+    );
+    let proxy = TestProxy::start(&route_config(route, &ai.url(), &extra, "")).await;
+    (proxy, dir)
+}
+
+async fn echo(proxy: &TestProxy, answer: &str) -> Reply {
+    let req = http::Request::post(proxy.url("/echo"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            answer.to_string(),
+        )))
+        .unwrap();
+    proxy.send(req).await
+}
+
+#[tokio::test]
+async fn schema_invalid_answers_are_replaced_by_the_fallback_and_counted() {
+    let ai = MockAi::start().await;
+    let (proxy, _dir) = schema_proxy("schema-basic", &ai, "").await;
+    let valid = r#"{"model":{"version":"v1"},"items":[{"course":"INTRO-101"}]}"#;
+    let r = echo(&proxy, valid).await;
+    assert_eq!(r.outcome(), "ai");
+    assert_eq!(
+        &r.body[..],
+        valid.as_bytes(),
+        "a valid answer passes byte for byte"
+    );
+
+    let missing = r#"{"model":{"version":"v1"}}"#;
+    let extra = r#"{"model":{"version":"v1"},"items":[{"course":"INTRO-101","email":"student@example.org"}]}"#;
+    let extra_top = r#"{"model":{"version":"v1"},"items":[],"debug":{"prompt":"secret"}}"#;
+    for bad in [missing, extra, extra_top, "not json"] {
+        let r = echo(&proxy, bad).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.outcome(), "fallback", "{bad}");
+        assert_eq!(r.header("x-breakwater-reason"), Some("invalid_response"));
+        assert_eq!(r.json()["source"], "static");
+        assert!(!String::from_utf8_lossy(&r.body).contains("student@"));
+    }
+    assert_eq!(echo(&proxy, valid).await.outcome(), "ai");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "breakwater_schema_violations_total{route=\"schema-basic\"} "
+        ),
+        4.0,
+        "{m}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn schema_invalid_answers_count_against_the_breaker() {
+    let ai = MockAi::start().await;
+    let (proxy, _dir) = schema_proxy(
+        "schema-breaker",
+        &ai,
+        "[routes.breaker]\nconsecutive_failures = 3\nopen_ms = 60000\n",
+    )
+    .await;
+    let bad = r#"{"items":[]}"#;
+    for _ in 0..3 {
+        assert_eq!(
+            echo(&proxy, bad).await.header("x-breakwater-reason"),
+            Some("invalid_response")
+        );
+    }
+    let before = ai.requests();
+    let r = echo(&proxy, r#"{"model":{"version":"v1"},"items":[]}"#).await;
+    assert_eq!(r.header("x-breakwater-reason"), Some("breaker_open"));
+    assert_eq!(
+        ai.requests(),
+        before,
+        "the open breaker still called the AI"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_fallback_an_invalid_answer_is_a_502_that_does_not_echo_the_answer() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("answer.json");
+    std::fs::write(&schema, ANSWER_SCHEMA).unwrap();
+    let extra = format!("response_schema = \"{}\"\n", schema.display());
+    let proxy = TestProxy::start(&route_config("schema-nofb", &ai.url(), &extra, "")).await;
+    let r = echo(
+        &proxy,
+        r#"{"model":{"version":"v1"},"items":[{"course":"X","ssn":"123-45-6789"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "invalid_response");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("123-45"),
+        "{:?}",
+        r.body
+    );
+    proxy.stop().await;
+}
+
+#[test]
+fn schema_config_errors_name_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |file: &Path| {
+        format!(
+            "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n[upstreams.a]\nurl=\"http://127.0.0.1:1\"\n\
+             [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\nresponse_schema=\"{}\"\n",
+            file.display()
+        )
+    };
+    let err = |file: &Path| {
+        breakwater::config::Config::from_toml(&cfg(file))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(&dir.path().join("missing.json"));
+    assert!(
+        e.contains("routes[0].response_schema") && e.contains("cannot read"),
+        "{e}"
+    );
+    let not_json = dir.path().join("not.json");
+    std::fs::write(&not_json, "{").unwrap();
+    assert!(err(&not_json).contains("not JSON"));
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"type": 12}"#).unwrap();
+    let e = err(&bad);
+    assert!(
+        e.contains("routes[0].response_schema") && e.contains("not a valid JSON Schema"),
+        "{e}"
+    );
+    // Remote references are never fetched.
+    let remote = dir.path().join("remote.json");
+    std::fs::write(&remote, r#"{"$ref": "https://example.com/s.json"}"#).unwrap();
+    assert!(err(&remote).contains("routes[0].response_schema"));
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, ANSWER_SCHEMA).unwrap();
+    breakwater::config::Config::from_toml(&cfg(&good)).unwrap();
+}
+
+#[tokio::test]
+async fn the_example_schema_refuses_a_leaked_field() {
+    let ai = MockAi::start().await;
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/schemas/recommendations.json");
+    let extra = format!("response_schema = \"{}\"\n{STATIC_FB}", schema.display());
+    let proxy = TestProxy::start(&route_config("schema-example", &ai.url(), &extra, "")).await;
+    let good = r#"{"model":{"version":"rec-v7"},"items":[{"course":"INTRO-101","score":0.9,"reason":"similar"}]}"#;
+    assert_eq!(echo(&proxy, good).await.outcome(), "ai");
+    let leak = r#"{"model":{"version":"rec-v7"},"items":[{"course":"INTRO-101","student_email":"a@b.c"}]}"#;
+    assert_eq!(
+        echo(&proxy, leak).await.header("x-breakwater-reason"),
+        Some("invalid_response")
+    );
+    proxy.stop().await;
+}
