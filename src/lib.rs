@@ -26,6 +26,7 @@ pub(crate) mod layers;
 pub(crate) mod otel;
 pub(crate) mod private_fs;
 pub(crate) mod proxy;
+pub(crate) mod rto;
 pub(crate) mod server;
 pub(crate) mod telemetry;
 pub(crate) mod upstream;

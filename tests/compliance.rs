@@ -5,6 +5,7 @@
 mod support;
 
 use std::path::Path;
+use std::time::Duration;
 
 use support::*;
 
@@ -434,4 +435,204 @@ async fn the_example_schema_refuses_a_leaked_field() {
         Some("invalid_response")
     );
     proxy.stop().await;
+}
+
+async fn set_ai(proxy: &TestProxy, route: &str, on: bool) {
+    let r = proxy
+        .admin_post(
+            &format!("/admin/routes/{route}/ai"),
+            &format!("{{\"enabled\":{on}}}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+fn count_events(dir: &Path, event: &str) -> usize {
+    std::fs::read_to_string(dir.join("decisions.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
+        .count()
+}
+
+#[tokio::test]
+async fn an_rto_crossing_writes_exactly_one_event_per_episode() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let route_extra = format!("criticality = \"high\"\nrto_s = 1\n{STATIC_FB}");
+    let proxy = TestProxy::start(&route_config(
+        "rto-episodes",
+        &ai.url(),
+        &route_extra,
+        &audit_section(dir.path()),
+    ))
+    .await;
+    let inv = proxy.admin_get("/admin/inventory").await.unwrap().json();
+    assert_eq!(inv["routes"][0]["criticality"], "high");
+    assert_eq!(inv["routes"][0]["rto_s"], 1);
+    assert!(inv["routes"][0]["degraded_for_s"].is_null());
+
+    // Episode 1: the AI is switched off for well over the RTO.
+    set_ai(&proxy, "rto-episodes", false).await;
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            count_events(dir.path(), "rto_exceeded") == 1
+        })
+        .await,
+        "no rto_exceeded event"
+    );
+    let inv = proxy.admin_get("/admin/inventory").await.unwrap().json();
+    assert!(inv["routes"][0]["degraded_for_s"].as_u64().unwrap() >= 1);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "breakwater_rto_seconds{route=\"rto-episodes\"} "),
+        1.0
+    );
+    assert!(
+        metric(
+            &m,
+            "breakwater_degraded_episode_seconds{route=\"rto-episodes\"} "
+        ) >= 1.0
+    );
+    // Still the same episode: no second event.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(count_events(dir.path(), "rto_exceeded"), 1);
+
+    // Recovery ends the episode; the next outage is a new one.
+    set_ai(&proxy, "rto-episodes", true).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let inv = proxy.admin_get("/admin/inventory").await.unwrap().json();
+    assert!(inv["routes"][0]["degraded_for_s"].is_null(), "{inv:#}");
+    assert_eq!(count_events(dir.path(), "rto_exceeded"), 1);
+    set_ai(&proxy, "rto-episodes", false).await;
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            count_events(dir.path(), "rto_exceeded") == 2
+        })
+        .await,
+        "the second episode wrote no event"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.stop().await;
+    let lines = log_lines(dir.path());
+    let events: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "rto_exceeded")
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["detail"]["route"], "rto-episodes");
+    assert_eq!(events[0]["detail"]["criticality"], "high");
+    assert_eq!(events[0]["detail"]["ai_enabled"], false);
+    assert!(events[0]["detail"]["degraded_s"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn answers_refused_as_unapproved_count_as_degraded() {
+    let ai = MockAi::start().await;
+    ai.set_model_version("rec-v9");
+    let route_extra = format!("approved_versions = [\"rec-v7\"]\nrto_s = 1\n{STATIC_FB}");
+    let proxy =
+        TestProxy::start(&route_config("rto-unapproved", &ai.url(), &route_extra, "")).await;
+    assert_eq!(proxy.get("/v1/x").await.outcome(), "fallback");
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            let inv = proxy.admin_get("/admin/inventory").await.unwrap().json();
+            inv["routes"][0]["degraded_for_s"]
+                .as_u64()
+                .is_some_and(|s| s >= 1)
+        })
+        .await
+    );
+    ai.set_model_version("rec-v7");
+    assert_eq!(proxy.get("/v1/x").await.outcome(), "ai");
+    assert!(
+        poll_until(Duration::from_secs(3), || async {
+            let inv = proxy.admin_get("/admin/inventory").await.unwrap().json();
+            inv["routes"][0]["degraded_for_s"].is_null()
+        })
+        .await
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn under_overload_low_criticality_routes_are_shed_before_high_ones() {
+    let ai = MockAi::start().await;
+    ai.set_delay(Duration::from_millis(600));
+    let config = format!(
+        "{}\n[upstreams.ai]\nurl = \"{}\"\nmax_concurrency = 4\n\n\
+         [[routes]]\nname = \"shed-low\"\npath_prefix = \"/low\"\nupstream = \"ai\"\ntimeout_ms = 3000\ncriticality = \"low\"\n{STATIC_FB}\n\
+         [[routes]]\nname = \"shed-high\"\npath_prefix = \"/high\"\nupstream = \"ai\"\ntimeout_ms = 3000\ncriticality = \"high\"\n{STATIC_FB}",
+        server_section(),
+        ai.url()
+    );
+    let proxy = std::sync::Arc::new(TestProxy::start(&config).await);
+    let send = |path: &'static str| {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let r = proxy.get(path).await;
+            (
+                r.outcome().to_string(),
+                r.header("x-breakwater-reason").map(str::to_string),
+            )
+        })
+    };
+    // A burst on the low route first: it may fill only half of the bulkhead...
+    let low: Vec<_> = (0..6).map(|_| send("/low")).collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // ...so the high route still finds room while the low calls are in flight.
+    let high: Vec<_> = (0..2).map(|_| send("/high")).collect();
+    let outcome = |results: Vec<(String, Option<String>)>| {
+        let ai = results.iter().filter(|r| r.0 == "ai").count();
+        let shed = results
+            .iter()
+            .filter(|r| r.1.as_deref() == Some("overloaded"))
+            .count();
+        (ai, shed)
+    };
+    let mut low_results = Vec::new();
+    for h in low {
+        low_results.push(h.await.unwrap());
+    }
+    let mut high_results = Vec::new();
+    for h in high {
+        high_results.push(h.await.unwrap());
+    }
+    assert_eq!(
+        outcome(low_results),
+        (2, 4),
+        "low may use 50% of max_concurrency = 4"
+    );
+    assert_eq!(
+        outcome(high_results),
+        (2, 0),
+        "high was shed while low held only its share"
+    );
+    let inv = proxy.admin_get("/admin/inventory").await.unwrap().json();
+    assert_eq!(inv["routes"][0]["criticality"], "low");
+    std::sync::Arc::try_unwrap(proxy).ok().unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn a_low_route_alone_on_its_upstream_may_use_the_whole_limit() {
+    let ai = MockAi::start().await;
+    ai.set_delay(Duration::from_millis(400));
+    let config = format!(
+        "{}\n[upstreams.ai]\nurl = \"{}\"\nmax_concurrency = 2\n\n\
+         [[routes]]\nname = \"shed-alone\"\npath_prefix = \"/\"\nupstream = \"ai\"\ntimeout_ms = 3000\ncriticality = \"low\"\n{STATIC_FB}",
+        server_section(),
+        ai.url()
+    );
+    let proxy = std::sync::Arc::new(TestProxy::start(&config).await);
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.get("/x").await.outcome().to_string() })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), "ai", "headroom was kept for no one");
+    }
+    std::sync::Arc::try_unwrap(proxy).ok().unwrap().stop().await;
 }

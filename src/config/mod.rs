@@ -167,8 +167,8 @@ impl Criticality {
         }
     }
 
-    /// The share of an upstream's concurrency limit a route of this criticality may fill:
-    /// the rest is headroom kept for more critical routes.
+    /// The share of an upstream's concurrency limit a route of this criticality may fill
+    /// when a more critical route calls the same upstream: the rest is headroom for it.
     pub fn limit_share(self) -> f64 {
         match self {
             Criticality::Low => 0.5,

@@ -78,6 +78,8 @@ pub struct RouteState {
     pub canary: Arc<CanaryRoute>,
     /// The last answer was refused as unapproved: the route counts as degraded.
     pub unapproved: Arc<UnapprovedFlag>,
+    /// The current degraded episode, for `rto_s`.
+    pub episode: Arc<crate::rto::Episode>,
     budget: Option<(RetryConfig, Arc<RetryBudget>)>,
     cache: Option<(CacheKey, Arc<ResponseCache>)>,
 }
@@ -284,11 +286,13 @@ impl Shared {
             variant_breaker,
         );
         let unapproved = prev.map(|p| p.unapproved.clone()).unwrap_or_default();
+        let episode = prev.map(|p| p.episode.clone()).unwrap_or_default();
         Arc::new(RouteState {
             breaker,
             ai,
             canary,
             unapproved,
+            episode,
             budget,
             cache,
         })
@@ -546,6 +550,24 @@ type Branch = BoxCloneSyncService<
     crate::exchange::error::ProxyError,
 >;
 
+/// The part of `upstream`'s concurrency limit `route` may fill: all of it unless a more
+/// critical route calls the same upstream, then `Criticality::limit_share` (low 50%,
+/// medium 80%), the rest kept as headroom so the less critical route is shed first.
+fn limit_share(config: &Config, route: &RouteConfig, upstream: &str) -> f64 {
+    let calls = |r: &RouteConfig| {
+        r.upstream == upstream || r.variants.iter().any(|v| v.upstream == upstream)
+    };
+    let more_critical = config
+        .routes
+        .iter()
+        .any(|r| r.criticality > route.criticality && calls(r));
+    if more_critical {
+        route.criticality.limit_share()
+    } else {
+        1.0
+    }
+}
+
 /// The layer order, outermost first. Read top to bottom as the path a request takes.
 pub fn build_stack(
     shared: &Shared,
@@ -611,7 +633,15 @@ pub fn build_stack(
             // Fail fast while this AI is known to be down; judge every attempt.
             .option_layer(breaker.map(BreakerLayer::new))
             // Bulkhead per upstream: shed instead of queueing in front of a struggling AI.
-            .option_layer(limiter.map(|l| LimitLayer::new(l, upstream.name.clone())))
+            // Its share of the limit depends on the route's criticality: low-criticality
+            // routes are shed first, keeping headroom for the critical ones.
+            .option_layer(limiter.map(|l| {
+                LimitLayer::new(
+                    l,
+                    upstream.name.clone(),
+                    limit_share(config, route, up_name),
+                )
+            }))
             // Cuts this attempt at attempt_timeout_ms or the route deadline, so the breaker,
             // the bulkhead, the canary and the retry above all see the timeout as a failure.
             .layer(AttemptTimeoutLayer::new(
