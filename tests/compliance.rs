@@ -636,3 +636,56 @@ async fn a_low_route_alone_on_its_upstream_may_use_the_whole_limit() {
     }
     std::sync::Arc::try_unwrap(proxy).ok().unwrap().stop().await;
 }
+
+fn spool_text(dir: &Path) -> String {
+    let out = std::process::Command::new(breakwater_bin())
+        .args(["spool", "inspect"])
+        .arg(dir.join("spool"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn a_dlq_replay_answered_by_an_unapproved_version_is_not_delivered() {
+    let ai = MockAi::start().await;
+    ai.set_model_version("grader-9");
+    let dir = tempfile::tempdir().unwrap();
+    let route_extra = format!("replayable = true\napproved_versions = [\"grader-7\"]\n{STATIC_FB}");
+    let dlq = format!(
+        "[dlq]\nspool_dir = \"{}\"\nreplay_rate_per_s = 200\nmax_replay_attempts = 3\n",
+        dir.path().join("spool").display()
+    );
+    let proxy = TestProxy::start(&route_config("appr-replay", &ai.url(), &route_extra, &dlq)).await;
+    let r = proxy.post("/v1/grade", "{\"essay\":1}").await;
+    assert_eq!(r.header("x-breakwater-reason"), Some("unapproved_version"));
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    // Every replay meets the same unapproved model: the message is parked, not delivered.
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            spool_text(dir.path()).contains("1 parked")
+        })
+        .await,
+        "{}",
+        spool_text(dir.path())
+    );
+    let text = spool_text(dir.path());
+    assert!(text.contains("not approved"), "{text}");
+    // Once an approved model answers, the requeued message is delivered.
+    ai.set_model_version("grader-7");
+    let r = proxy
+        .admin_post("/admin/dlq/parked/requeue?route=appr-replay", "", None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            let t = spool_text(dir.path());
+            t.contains("0 parked") && t.contains("0 pending")
+        })
+        .await,
+        "{}",
+        spool_text(dir.path())
+    );
+    proxy.stop().await;
+}

@@ -207,28 +207,43 @@ impl Checks {
     }
 
     fn validate(&self, schema: &ResponseSchema, resp: &ProxyResponse) -> Result<(), ProxyError> {
-        let verdict = match &resp.body_bytes {
-            // The route buffers every answer when a schema is set; a body over
-            // max_response_buffer_bytes streams and cannot be checked, so it is refused.
-            None => Err("the answer is larger than max_response_buffer_bytes".to_string()),
-            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-                Err(e) => Err(format!("not JSON: {e}")),
-                Ok(value) => match schema.validator.validate(&value) {
-                    Ok(()) => Ok(()),
-                    // Paths only: the message may reach the client and the logs, and
-                    // the answer's values are what must not leak.
-                    Err(e) => Err(format!(
-                        "at \"{}\" (schema rule \"{}\")",
-                        e.instance_path(),
-                        e.schema_path()
-                    )),
-                },
-            },
-        };
-        verdict.map_err(|why| {
-            metrics::counter!(telemetry::SCHEMA_VIOLATIONS_TOTAL, "route" => self.route.to_string()).increment(1);
-            tracing::debug!(route = %self.route, schema = %schema.file, %why, "the AI's answer does not match the response schema");
-            ErrorKind::InvalidResponse(why).into()
-        })
+        check_schema(&self.route, schema, resp.body_bytes.as_deref())
+            .map_err(|why| ErrorKind::InvalidResponse(why).into())
     }
+}
+
+/// Validates a whole answer against `schema`, counting a violation. `None`: the body was
+/// too large to buffer (over max_response_buffer_bytes), so it cannot be checked and is
+/// refused. Also used by DLQ replays, which never pass this layer.
+pub(crate) fn check_schema(
+    route: &str,
+    schema: &ResponseSchema,
+    body: Option<&[u8]>,
+) -> Result<(), String> {
+    let verdict = match body {
+        None => Err("the answer is larger than max_response_buffer_bytes".to_string()),
+        Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Err(e) => Err(format!("not JSON: {e}")),
+            Ok(value) => match schema.validator.validate(&value) {
+                Ok(()) => Ok(()),
+                // Paths only: the message may reach the client and the logs, and the
+                // answer's values are what must not leak.
+                Err(e) => Err(format!(
+                    "at \"{}\" (schema rule \"{}\")",
+                    e.instance_path(),
+                    e.schema_path()
+                )),
+            },
+        },
+    };
+    verdict.inspect_err(|why| {
+        metrics::counter!(telemetry::SCHEMA_VIOLATIONS_TOTAL, "route" => route.to_string()).increment(1);
+        tracing::debug!(route = %route, schema = %schema.file, %why, "the AI's answer does not match the response schema");
+    })
+}
+
+/// Counts an unapproved answer outside the request path (DLQ replays).
+pub(crate) fn count_unapproved(route: &str, version: Option<&str>) {
+    let version = version.unwrap_or("unknown");
+    metrics::counter!(telemetry::UNAPPROVED_VERSION_TOTAL, "route" => route.to_string(), "model_version" => telemetry::model_version_label(version)).increment(1);
 }

@@ -301,7 +301,40 @@ async fn replay_once(
         .as_ref()
         .and_then(|h| parts.headers.get(h))
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(str::to_string)
+        .or_else(|| {
+            let ptr = route.model_version_pointer.as_deref()?;
+            super::forward::model_version_from_json(&body, ptr)
+        });
+    // A replayed answer reaches Magento too: the same compliance checks as the request
+    // path. A refused answer is a retryable failure, so the message waits (and is parked
+    // after max_replay_attempts) until an approved, valid answer comes.
+    if let Some(approval) = &route.approval {
+        let digest = parts
+            .headers
+            .get(&approval.digest_header)
+            .and_then(|v| v.to_str().ok());
+        if !approval.approves(model_version.as_deref(), digest) {
+            crate::layers::comply::count_unapproved(&route.name, model_version.as_deref());
+            if approval.on_unapproved == crate::config::OnUnapproved::Fallback {
+                return Err(fail(
+                    format!(
+                        "the answer came from model version {}, which is not approved",
+                        model_version.as_deref().unwrap_or("unknown")
+                    ),
+                    true,
+                ));
+            }
+        }
+    }
+    if let Some(schema) = &route.response_schema {
+        if let Err(why) = crate::layers::comply::check_schema(&route.name, schema, Some(&body)) {
+            return Err(fail(
+                format!("the answer does not match the response schema: {why}"),
+                true,
+            ));
+        }
+    }
     Ok(ReplayAnswer {
         status,
         headers: parts
