@@ -247,3 +247,109 @@ pub(crate) fn count_unapproved(route: &str, version: Option<&str>) {
     let version = version.unwrap_or("unknown");
     metrics::counter!(telemetry::UNAPPROVED_VERSION_TOTAL, "route" => route.to_string(), "model_version" => telemetry::model_version_label(version)).increment(1);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::{full_body, RequestMeta};
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(String, serde_json::Value)>>);
+
+    impl EventSink for Recorded {
+        fn emit(&self, event: &str, detail: serde_json::Value, _actor: Option<&str>) {
+            self.0.lock().unwrap().push((event.to_string(), detail));
+        }
+    }
+
+    fn route(extra: &str) -> Arc<RouteConfig> {
+        let text = format!(
+            "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n[upstreams.a]\nurl=\"http://127.0.0.1:1\"\n\
+             [[routes]]\nname=\"test\"\npath_prefix=\"/\"\nupstream=\"a\"\nmodel_version_header=\"x-model-version\"\n{extra}"
+        );
+        crate::config::Config::from_toml(&text).unwrap().routes[0].clone()
+    }
+
+    /// One call through the layer; the mock AI reports `version` (as `Forward` would).
+    async fn call(
+        layer: &ComplyLayer,
+        route: &Arc<RouteConfig>,
+        version: &str,
+    ) -> (Result<ProxyResponse, ProxyError>, Arc<RequestMeta>) {
+        let (mock, mut handle) = tower_test::mock::pair::<ProxyRequest, ProxyResponse>();
+        let svc =
+            layer.layer(mock.map_err(|e| ProxyError::from(ErrorKind::Internal(e.to_string()))));
+        handle.allow(1);
+        let meta = Arc::new(RequestMeta::new("req-1".into(), route.clone(), false));
+        meta.attempt_answered(Duration::from_millis(1), Some(version.to_string()));
+        let req = ProxyRequest {
+            http: http::Request::new(bytes::Bytes::new()),
+            meta: meta.clone(),
+        };
+        let fut = tokio::spawn(svc.oneshot(req));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        respond.send_response(ProxyResponse::ai(http::Response::new(full_body("{}"))));
+        (fut.await.unwrap(), meta)
+    }
+
+    #[tokio::test]
+    async fn unapproved_answers_fail_under_fallback_and_pass_marked_under_flag() {
+        for (mode, refused) in [("fallback", true), ("flag", false)] {
+            let route = route(&format!(
+                "approved_versions = [\"v7\"]\non_unapproved = \"{mode}\"\n"
+            ));
+            let events = Arc::new(Recorded::default());
+            let flag = Arc::new(UnapprovedFlag::default());
+            let layer = ComplyLayer::for_route(
+                &route,
+                Arc::new(SeenVersions::default()),
+                Some(events.clone()),
+                flag.clone(),
+            )
+            .unwrap();
+            let (ok, meta) = call(&layer, &route, "v7").await;
+            assert!(ok.is_ok() && !meta.facts().unapproved);
+            for _ in 0..2 {
+                let (result, meta) = call(&layer, &route, "v9").await;
+                match result {
+                    Err(e) => {
+                        assert!(refused, "{mode}: {e}");
+                        assert!(matches!(e.kind, ErrorKind::Unapproved { .. }));
+                        assert_eq!(e.reason().as_str(), "unapproved_version");
+                        assert!(!e.is_retryable());
+                        assert_eq!(
+                            e.call_outcome()
+                                .and_then(crate::breaker::CallOutcome::for_breaker),
+                            None,
+                            "the breaker does not judge an unapproved answer"
+                        );
+                        assert!(e.call_outcome().unwrap().is_failure(), "the canary does");
+                    }
+                    Ok(_) => {
+                        assert!(!refused, "{mode}");
+                        assert!(meta.facts().unapproved);
+                    }
+                }
+            }
+            assert_eq!(flag.get(), refused);
+            let events = events.0.lock().unwrap();
+            assert_eq!(events.len(), 1, "one event per new version");
+            assert_eq!(events[0].0, "unapproved_version");
+            assert_eq!(events[0].1["model_version"], "v9");
+        }
+    }
+
+    #[test]
+    fn no_checks_no_layer() {
+        let route = route("");
+        assert!(ComplyLayer::for_route(
+            &route,
+            Arc::new(SeenVersions::default()),
+            None,
+            Arc::new(UnapprovedFlag::default())
+        )
+        .is_none());
+    }
+}
