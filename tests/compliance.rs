@@ -689,3 +689,24 @@ async fn a_dlq_replay_answered_by_an_unapproved_version_is_not_delivered() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_digest_reported_in_the_body_is_read_by_its_pointer() {
+    let ai = MockAi::start().await; // reports x-model-version: v1
+    let route_extra = format!(
+        "approved_versions = [{{ version = \"v1\", digest = \"sha256:aa\" }}]\nmodel_digest_pointer = \"/model/digest\"\n{STATIC_FB}"
+    );
+    let proxy = TestProxy::start(&route_config(
+        "appr-digest-ptr",
+        &ai.url(),
+        &route_extra,
+        "",
+    ))
+    .await;
+    let r = echo(&proxy, r#"{"model":{"digest":"sha256:aa"}}"#).await;
+    assert_eq!(r.outcome(), "ai");
+    assert_eq!(&r.body[..], br#"{"model":{"digest":"sha256:aa"}}"#);
+    let r = echo(&proxy, r#"{"model":{"digest":"sha256:bb"}}"#).await;
+    assert_eq!(r.header("x-breakwater-reason"), Some("unapproved_version"));
+    proxy.stop().await;
+}

@@ -203,6 +203,8 @@ pub struct Approval {
     pub versions: std::collections::HashMap<String, Option<String>>,
     pub on_unapproved: OnUnapproved,
     pub digest_header: http::HeaderName,
+    /// JSON pointer to the digest in the answer, read when the header is absent.
+    pub digest_pointer: Option<String>,
 }
 
 impl Approval {

@@ -180,6 +180,7 @@ pub struct RawRoute {
     /// fallback | flag (default fallback).
     pub on_unapproved: Option<String>,
     pub model_digest_header: Option<String>,
+    pub model_digest_pointer: Option<String>,
     pub response_schema: Option<String>,
 }
 

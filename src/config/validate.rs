@@ -772,6 +772,7 @@ fn validate_approval(
         for (key, set) in [
             ("on_unapproved", r.on_unapproved.is_some()),
             ("model_digest_header", r.model_digest_header.is_some()),
+            ("model_digest_pointer", r.model_digest_pointer.is_some()),
         ] {
             e.check(
                 !set,
@@ -840,10 +841,18 @@ fn validate_approval(
             }
         },
     };
+    if let Some(ptr) = &r.model_digest_pointer {
+        e.check(
+            ptr.starts_with('/'),
+            format!("{p}.model_digest_pointer"),
+            "a JSON pointer must start with '/' (RFC 6901), e.g. \"/model/digest\"",
+        );
+    }
     Some(Approval {
         versions,
         on_unapproved,
         digest_header,
+        digest_pointer: r.model_digest_pointer.clone(),
     })
 }
 

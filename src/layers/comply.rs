@@ -162,11 +162,8 @@ impl Checks {
         resp: &ProxyResponse,
         meta: &crate::exchange::RequestMeta,
     ) -> Result<(), ProxyError> {
-        let digest = resp
-            .http
-            .headers()
-            .get(&approval.digest_header)
-            .and_then(|v| v.to_str().ok());
+        let digest = digest_of(approval, resp.http.headers(), resp.body_bytes.as_deref());
+        let digest = digest.as_deref();
         if approval.approves(version.as_deref(), digest) {
             self.unapproved.set(false);
             return Ok(());
@@ -240,6 +237,23 @@ pub(crate) fn check_schema(
         metrics::counter!(telemetry::SCHEMA_VIOLATIONS_TOTAL, "route" => route.to_string()).increment(1);
         tracing::debug!(route = %route, schema = %schema.file, %why, "the AI's answer does not match the response schema");
     })
+}
+
+/// The artifact digest the AI reported: `model_digest_header`, else `model_digest_pointer`
+/// into the (buffered) answer.
+pub(crate) fn digest_of(
+    approval: &Approval,
+    headers: &http::HeaderMap,
+    body: Option<&[u8]>,
+) -> Option<String> {
+    if let Some(v) = headers
+        .get(&approval.digest_header)
+        .and_then(|v| v.to_str().ok())
+    {
+        return Some(v.to_string());
+    }
+    let (ptr, body) = (approval.digest_pointer.as_deref()?, body?);
+    crate::proxy::forward::model_version_from_json(body, ptr)
 }
 
 /// Counts an unapproved answer outside the request path (DLQ replays).

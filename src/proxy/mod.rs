@@ -583,7 +583,11 @@ pub fn build_stack(
     let upstream = shared.upstream(up_cfg)?;
     let needs_body = route.model_version_pointer.is_some()
         || state.cache.is_some()
-        || route.response_schema.is_some();
+        || route.response_schema.is_some()
+        || route
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.digest_pointer.is_some());
     let buffer_limit = needs_body.then_some(config.server.max_response_buffer_bytes);
 
     let mut chain = Vec::new();

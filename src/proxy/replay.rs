@@ -310,11 +310,8 @@ async fn replay_once(
     // path. A refused answer is a retryable failure, so the message waits (and is parked
     // after max_replay_attempts) until an approved, valid answer comes.
     if let Some(approval) = &route.approval {
-        let digest = parts
-            .headers
-            .get(&approval.digest_header)
-            .and_then(|v| v.to_str().ok());
-        if !approval.approves(model_version.as_deref(), digest) {
+        let digest = crate::layers::comply::digest_of(approval, &parts.headers, Some(&body));
+        if !approval.approves(model_version.as_deref(), digest.as_deref()) {
             crate::layers::comply::count_unapproved(&route.name, model_version.as_deref());
             if approval.on_unapproved == crate::config::OnUnapproved::Fallback {
                 return Err(fail(
