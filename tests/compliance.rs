@@ -710,3 +710,44 @@ async fn a_digest_reported_in_the_body_is_read_by_its_pointer() {
     assert_eq!(r.header("x-breakwater-reason"), Some("unapproved_version"));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn under_flag_a_replayed_unapproved_answer_is_delivered_and_marked() {
+    let ai = MockAi::start().await;
+    ai.set_model_version("grader-9");
+    ai.fail_next(1, 503);
+    let dir = tempfile::tempdir().unwrap();
+    let route_extra = format!(
+        "replayable = true\napproved_versions = [\"grader-7\"]\non_unapproved = \"flag\"\n{STATIC_FB}"
+    );
+    let extra = format!(
+        "[dlq]\nspool_dir = \"{}\"\nreplay_rate_per_s = 200\nmax_replay_attempts = 3\n{}",
+        dir.path().join("spool").display(),
+        audit_section(dir.path())
+    );
+    let proxy = TestProxy::start(&route_config(
+        "appr-replay-flag",
+        &ai.url(),
+        &route_extra,
+        &extra,
+    ))
+    .await;
+    let r = proxy.post("/v1/grade", "{\"essay\":1}").await;
+    assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            spool_text(dir.path()).contains("0 pending")
+        })
+        .await,
+        "{}",
+        spool_text(dir.path())
+    );
+    proxy.stop().await;
+    let replayed: Vec<_> = log_lines(dir.path())
+        .into_iter()
+        .filter(|l| l["outcome"] == "replayed")
+        .collect();
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["unapproved"], true, "{}", replayed[0]);
+    assert_eq!(replayed[0]["model_version"], "grader-9");
+}

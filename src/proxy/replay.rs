@@ -115,6 +115,7 @@ impl ReplayTarget for ProxyReplay {
             ),
             Err(f) => ("replay_failed", 0, None, None, None, Some(f.reason.clone())),
         };
+        let unapproved = result.as_ref().is_ok_and(|a| a.unapproved);
         let record = Decision {
             upstream,
             model_version,
@@ -129,6 +130,7 @@ impl ReplayTarget for ProxyReplay {
             dlq_msg_id: Some(env.msg_id.clone()),
             // The original request's trace: one id ties the request and its replay.
             trace_id: env.trace_id.clone(),
+            unapproved,
             ..Decision::new(
                 Arc::from(env.route.as_str()),
                 Arc::from(env.request_id.as_str()),
@@ -309,6 +311,7 @@ async fn replay_once(
     // A replayed answer reaches Magento too: the same compliance checks as the request
     // path. A refused answer is a retryable failure, so the message waits (and is parked
     // after max_replay_attempts) until an approved, valid answer comes.
+    let mut unapproved = false;
     if let Some(approval) = &route.approval {
         let digest = crate::layers::comply::digest_of(approval, &parts.headers, Some(&body));
         if !approval.approves(model_version.as_deref(), digest.as_deref()) {
@@ -322,6 +325,7 @@ async fn replay_once(
                     true,
                 ));
             }
+            unapproved = true;
         }
     }
     if let Some(schema) = &route.response_schema {
@@ -342,6 +346,7 @@ async fn replay_once(
         body,
         model_version,
         upstream: route.upstream.clone(),
+        unapproved,
     })
 }
 
