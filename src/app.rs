@@ -102,7 +102,7 @@ pub async fn run(
         proxy: proxy.clone(),
         reloader,
         metrics,
-        listeners_ready: false.into(),
+        lifecycle: admin::readiness::Lifecycle::default(),
         audit: audit.as_ref().map(|a| a.handle.clone()),
         dlq: dlq.as_ref().map(|d| d.handle.clone()),
         amqp: connections,
@@ -164,6 +164,7 @@ fn start_audit(
         block_timeout: a.block_timeout,
         instance,
         publish,
+        checkpoint: a.checkpoint.clone(),
     })
     .map_err(|e| AppError::Start {
         what: "the decision log",
@@ -287,12 +288,14 @@ fn installer(proxy: Arc<Proxy>) -> Installer {
             }
             reload::refuse_restart_only(&old.config, &config)?;
             telemetry::register_series(&config);
+            let routes_changed = old.config.routes_changed(&config);
             let snapshot = proxy.install(config)?;
             if let Some(events) = proxy.shared.events() {
                 events.emit(
                     "config_reload",
                     serde_json::json!({
                         "trigger": trigger,
+                        "routes_changed": routes_changed,
                         "config_gen": snapshot.generation,
                         "config_hash_before": old.config.hash,
                         "config_hash_after": snapshot.config.hash,
@@ -359,7 +362,10 @@ fn serve(
         admin_state.proxy.clone(),
         shutdown.clone(),
     ));
-    admin_state.listeners_ready.store(true, Ordering::Release);
+    admin_state
+        .lifecycle
+        .listeners_ready
+        .store(true, Ordering::Release);
     tracing::info!(data = ?data_addr, admin = ?admin_addr, "breakwater serving");
     data
 }
@@ -379,8 +385,9 @@ struct Stopping {
 /// DLQ, then the background tasks.
 async fn stop(s: Stopping) {
     s.admin_state
-        .listeners_ready
-        .store(false, Ordering::Release);
+        .lifecycle
+        .draining
+        .store(true, Ordering::Release);
     tracing::info!("shutdown requested: no new connections; draining in-flight requests");
     let grace_ends = tokio::time::Instant::now() + s.proxy.snapshot().config.server.shutdown_grace;
     let _ = s.data.await;

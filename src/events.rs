@@ -12,3 +12,31 @@ impl std::fmt::Debug for dyn EventSink {
         f.write_str("EventSink")
     }
 }
+
+/// The sink of one config generation: stamps the config hash in force on events that carry
+/// none (a canary rollback is decided under the generation that built its stack).
+pub struct InConfig {
+    inner: std::sync::Arc<dyn EventSink>,
+    hash: String,
+}
+
+impl InConfig {
+    pub fn wrap(inner: std::sync::Arc<dyn EventSink>, hash: &str) -> std::sync::Arc<dyn EventSink> {
+        std::sync::Arc::new(InConfig {
+            inner,
+            hash: hash.to_string(),
+        })
+    }
+}
+
+impl EventSink for InConfig {
+    fn emit(&self, event: &str, mut detail: serde_json::Value, actor: Option<&str>) {
+        if let Some(obj) = detail.as_object_mut() {
+            for key in ["config_hash_before", "config_hash_after"] {
+                obj.entry(key)
+                    .or_insert_with(|| serde_json::Value::String(self.hash.clone()));
+            }
+        }
+        self.inner.emit(event, detail, actor);
+    }
+}

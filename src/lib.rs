@@ -36,7 +36,10 @@ pub(crate) mod window;
 /// rest is `pub(crate)`, so that the compiler reports dead code.
 pub mod cli {
     pub use crate::amqp::Endpoints;
+    pub use crate::audit::changes::{changes as audit_changes, table as changes_table};
+    pub use crate::audit::checkpoint::{keygen, PublicKey};
     pub use crate::audit::collect::{run as audit_collect, CollectSettings, CollectSummary};
+    pub use crate::audit::verify::verify_signed;
     pub use crate::audit::{find_request, verify_paths};
     pub use crate::dlq::envelope::MAX_SPOOLED_BODY;
     pub use crate::dlq::spool::inspect as spool_inspect;

@@ -61,8 +61,27 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain across files (rotated files included).
-    Verify { paths: Vec<PathBuf> },
+    /// Check the hash chain across files (rotated files included). With --public-key,
+    /// also every checkpoint's signature: exit 1 when the chain is broken, a checkpoint is
+    /// forged or none is signed by the key; exit 2 when the chain holds but the log does
+    /// not end at a checkpoint (records after it are unanchored: cut, crashed, or live).
+    Verify {
+        paths: Vec<PathBuf>,
+        /// The writer's `signing.pub` (from `audit keygen`).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Print the change trail (config reloads with the routes changed, admin changes with
+    /// the token's fingerprint, canary rollbacks) as a table, oldest first.
+    Changes {
+        paths: Vec<PathBuf>,
+        /// Only changes at or after this time (RFC 3339, e.g. 2026-12-02T14:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Write a new checkpoint signing key pair into DIR: signing.key (0600, for
+    /// `[audit] signing_key_file`) and signing.pub (for `audit verify --public-key`).
+    Keygen { dir: PathBuf },
     /// Print the records of one request.
     Find {
         #[arg(long)]
@@ -266,41 +285,45 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match command {
-        AuditCommand::Verify { paths } | AuditCommand::Find { paths, .. } if paths.is_empty() => {
+        AuditCommand::Verify { paths, .. }
+        | AuditCommand::Find { paths, .. }
+        | AuditCommand::Changes { paths, .. }
+            if paths.is_empty() =>
+        {
             anyhow::bail!("give at least one decision log file or directory")
         }
-        AuditCommand::Verify { paths } => match breakwater::cli::verify_paths(&paths) {
-            Ok(report) => {
-                writeln!(
-                    out,
-                    "ok: {} records in {} file(s), seq {}..{}, last hash {}",
-                    report.records,
-                    report.files,
-                    report
-                        .first_seq
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    report
-                        .last_seq
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    report.last_hash.as_deref().unwrap_or("-")
-                )?;
-                if report.records_lost > 0 {
-                    // The chain is intact, but the log is not complete: say so loudly.
-                    writeln!(
-                        out,
-                        "WARNING: records_lost: {} decision record(s) were lost (records_lost events at seq {:?})",
-                        report.records_lost, report.loss_events
-                    )?;
+        AuditCommand::Changes { paths, since } => {
+            let since = since
+                .map(|t| {
+                    humantime::parse_rfc3339_weak(&t)
+                        .with_context(|| format!("--since: not an RFC 3339 time: {t:?}"))
+                })
+                .transpose()?;
+            let changes = breakwater::cli::audit_changes(&paths, since)?;
+            out.write_all(breakwater::cli::changes_table(&changes).as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Keygen { dir } => {
+            let pair = breakwater::cli::keygen(&dir)
+                .with_context(|| format!("cannot write a key pair into {}", dir.display()))?;
+            writeln!(
+                out,
+                "key id {}: {} (secret, 0600: [audit] signing_key_file) and {} (public: audit verify --public-key)",
+                pair.key_id,
+                pair.key_file.display(),
+                pair.pub_file.display()
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify { paths, public_key } => {
+            let key = match &public_key {
+                Some(file) => {
+                    Some(breakwater::cli::PublicKey::load(file).map_err(|e| anyhow::anyhow!(e))?)
                 }
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                writeln!(out, "BROKEN: {e}")?;
-                Ok(ExitCode::FAILURE)
-            }
-        },
+                None => None,
+            };
+            verify(&mut out, &paths, key.as_ref())
+        }
         AuditCommand::Collect {
             amqp,
             out: dir,
@@ -400,4 +423,67 @@ fn spool(command: SpoolCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `audit verify`: the chain, and with a key the checkpoints (exit codes on `Verify`).
+fn verify(
+    out: &mut impl std::io::Write,
+    paths: &[PathBuf],
+    key: Option<&breakwater::cli::PublicKey>,
+) -> anyhow::Result<ExitCode> {
+    let report = match breakwater::cli::verify_signed(paths, key) {
+        Ok(report) => report,
+        Err(e) => {
+            writeln!(out, "BROKEN: {e}")?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let seq = |s: Option<u64>| s.map_or_else(|| "-".to_string(), |s| s.to_string());
+    writeln!(
+        out,
+        "ok: {} records in {} file(s), seq {}..{}, last hash {}",
+        report.records,
+        report.files,
+        seq(report.first_seq),
+        seq(report.last_seq),
+        report.last_hash.as_deref().unwrap_or("-")
+    )?;
+    if report.records_lost > 0 {
+        // The chain is intact, but the log is not complete: say so loudly.
+        writeln!(
+            out,
+            "WARNING: records_lost: {} decision record(s) were lost (records_lost events at seq {:?})",
+            report.records_lost, report.loss_events
+        )?;
+    }
+    let Some(key_id) = &report.signed_by else {
+        if report.checkpoints > 0 {
+            writeln!(
+                out,
+                "{} checkpoint(s), signatures not checked: give --public-key",
+                report.checkpoints
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    writeln!(
+        out,
+        "signed: {} checkpoint(s) verified under key {key_id}; the log proves {} .. {} (seq {}..{})",
+        report.checkpoints,
+        report.first_ts.as_deref().unwrap_or("-"),
+        report.last_checkpoint_ts.as_deref().unwrap_or("-"),
+        seq(report.first_seq),
+        seq(report.last_checkpoint_seq),
+    )?;
+    if report.ends_at_checkpoint() {
+        writeln!(out, "ends at a checkpoint: every record is anchored")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "UNANCHORED: the log does not end at a checkpoint: {} record(s) after seq {} are vouched for by no signature (the log was cut, its writer crashed, or it is still being written)",
+        report.unanchored,
+        seq(report.last_checkpoint_seq),
+    )?;
+    Ok(ExitCode::from(2))
 }

@@ -43,6 +43,8 @@ pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
 pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
 pub const AMQP_CONNECTED_NODE: &str = "breakwater_amqp_connected_node";
+pub const READY: &str = "breakwater_ready";
+pub const DEGRADED_CONDITION: &str = "breakwater_degraded_condition";
 pub const ADMIN_UNAUTHORIZED: &str = "breakwater_admin_unauthorized_total";
 pub const UPSTREAM_TLS_ERRORS: &str = "breakwater_upstream_tls_errors_total";
 pub const RESPONSE_BUFFER_BYTES: &str = "breakwater_response_buffer_bytes";
@@ -184,6 +186,14 @@ fn describe() {
         "Access log lines dropped (its buffer was full, or the write failed)"
     );
     describe_gauge!(CONFIG_GENERATION, "Generation of the config in force");
+    describe_gauge!(
+        READY,
+        "1 while /readyz answers 200, 0 while it answers 503 (see server.readiness)"
+    );
+    describe_gauge!(
+        DEGRADED_CONDITION,
+        "1 while a degraded condition holds, by condition (audit_disk|spool_full|dlq_broker|draining)"
+    );
     describe_counter!(CANARY_ROLLBACKS, "Automatic and manual canary rollbacks");
     describe_counter!(
         MODEL_VERSION_REQUESTS,

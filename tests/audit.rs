@@ -374,7 +374,7 @@ async fn config_reload_and_admin_changes_are_recorded_in_the_chain() {
 }
 
 #[tokio::test]
-async fn a_failing_disk_turns_readiness_off_and_requests_still_get_answers() {
+async fn a_failing_disk_turns_readiness_off_in_strict_mode_and_requests_still_get_answers() {
     let ai = MockAi::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("key"), KEY_A).unwrap();
@@ -383,7 +383,14 @@ async fn a_failing_disk_turns_readiness_off_and_requests_still_get_answers() {
         "[audit]\npath = \"/dev/full\"\nhmac_key_file = \"{}\"\n",
         dir.path().join("key").display()
     );
-    let proxy = TestProxy::start(&simple_config(&ai.url(), "", &extra)).await;
+    // Only `strict` readiness turns 503 for it (the default reports it as degraded:
+    // tests/readiness.rs).
+    let cfg = simple_config(&ai.url(), "", &extra).replacen(
+        "watch_config = true\n",
+        "watch_config = true\nreadiness = \"strict\"\n",
+        1,
+    );
+    let proxy = TestProxy::start(&cfg).await;
     assert_eq!(proxy.get("/v1/x").await.status, 200);
     let mut ready = 200;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -740,7 +747,7 @@ async fn a_full_disk_loses_records_only_counted_and_chained_and_shutdown_keeps_i
     );
     let cfg = simple_config(&ai.url(), "", &audit).replace(
         "watch_config = true\n",
-        "watch_config = true\nshutdown_grace_ms = 2000\n",
+        "watch_config = true\nshutdown_grace_ms = 2000\nreadiness = \"strict\"\n",
     );
     let proxy = TestProxy::start(&cfg).await;
     // Room for a hundred records or so; the rest of the burst meets a full disk.
@@ -803,4 +810,375 @@ async fn a_full_disk_loses_records_only_counted_and_chained_and_shutdown_keeps_i
         "shutdown took {:?}, more than its 2 s grace",
         started.elapsed()
     );
+}
+
+/// `audit keygen DIR`: the key pair's paths.
+fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = Command::new(breakwater_bin())
+        .args(["audit", "keygen"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.join("signing.key"), dir.join("signing.pub"))
+}
+
+/// `audit verify --public-key`: its exit code and output.
+fn verify_signed(path: &Path, public: &Path) -> (i32, String) {
+    let out = Command::new(breakwater_bin())
+        .args(["audit", "verify", "--public-key"])
+        .arg(public)
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(
+        path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+}
+
+/// What someone without the signing key can do: re-chain every record from line one
+/// (numbered anew; checkpoints' heads moved along, so only their signatures can tell),
+/// each checkpoint
+/// then passed to `sign`.
+fn rechain(
+    recs: &[serde_json::Value],
+    mut sign: impl FnMut(&mut serde_json::Value),
+) -> Vec<String> {
+    use sha2::Digest;
+    let mut prev = recs[0]["prev_hash"].as_str().unwrap().to_string();
+    let first_seq = recs[0]["seq"].as_u64().unwrap();
+    let mut out = Vec::new();
+    for (seq, r) in (first_seq..).zip(recs) {
+        let mut r = r.clone();
+        r.as_object_mut().unwrap().remove("hash");
+        r["prev_hash"] = prev.clone().into();
+        r["seq"] = seq.into();
+        if r["event"] == "checkpoint" {
+            r["detail"]["head"] = prev.clone().into();
+            r["detail"]["count"] = (seq - 1).into();
+            sign(&mut r);
+        }
+        let canonical = serde_json::to_string(&r).unwrap();
+        let hash = hex::encode(sha2::Sha256::digest(format!("{prev}{canonical}")));
+        out.push(format!(
+            "{},\"hash\":\"{hash}\"}}",
+            &canonical[..canonical.len() - 1]
+        ));
+        prev = hash;
+    }
+    out
+}
+
+/// Issue 15: signed checkpoints. A clean log ends at a checkpoint and verifies under the
+/// public key; a cut tail, a log re-chained from line one, one without its checkpoints and
+/// one whose checkpoints another key signed all pass the plain chain check, and all fail
+/// (or, for the cut, are reported unanchored with exit 2) under the key.
+#[tokio::test]
+async fn signed_checkpoints_catch_a_cut_tail_a_rewritten_log_and_a_forged_checkpoint() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(&keys.path().join("keys"));
+    assert_eq!(mode(&key), 0o600, "signing.key is not private");
+    assert_eq!(mode(&keys.path().join("keys")), 0o700);
+    assert!(std::fs::read_to_string(&public).unwrap().trim().len() == 64);
+    // A second keygen would orphan the checkpoints the first key signed.
+    let again = Command::new(breakwater_bin())
+        .args(["audit", "keygen"])
+        .arg(keys.path().join("keys"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "keygen replaced an existing key");
+
+    let extra = format!(
+        "signing_key_file = \"{}\"\ncheckpoint_interval_ms = 50\n",
+        key.display()
+    );
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(dir.path(), KEY_A, &extra),
+    ))
+    .await;
+    for i in 0..8 {
+        assert_eq!(
+            proxy
+                .post("/v1/grading", format!("{{\"n\":{i}}}"))
+                .await
+                .status,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    proxy.stop().await;
+    let recs = records(dir.path());
+    let is_cp = |r: &serde_json::Value| r["event"] == "checkpoint";
+    let cps = recs.iter().filter(|r| is_cp(r)).count();
+    assert!(cps >= 2, "{cps} checkpoint(s): none by the interval");
+    assert!(
+        is_cp(recs.last().unwrap()),
+        "a clean shutdown ends at a checkpoint"
+    );
+    let last = recs.last().unwrap();
+    assert_eq!(
+        last["detail"]["count"].as_u64().unwrap() + 1,
+        last["seq"].as_u64().unwrap()
+    );
+    assert_eq!(last["detail"]["head"], recs[recs.len() - 2]["hash"]);
+
+    let log = dir.path().join("decisions.jsonl");
+    let (code, out) = verify_signed(&log, &public);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ends at a checkpoint") && out.contains("proves"),
+        "{out}"
+    );
+    assert!(out.contains(recs[0]["ts_start"].as_str().unwrap()), "{out}");
+
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("decisions.jsonl");
+
+    // A cut tail: the final checkpoint is gone (two never follow each other, so a
+    // record is left after the last one).
+    let kept = &lines[..lines.len() - 1];
+    write_lines(&copy, kept);
+    assert!(
+        verify(&[&copy]).0,
+        "the plain chain check should not see a cut"
+    );
+    let unanchored = recs[..recs.len() - 1]
+        .iter()
+        .rev()
+        .take_while(|r| !is_cp(r))
+        .count();
+    assert!(unanchored >= 1);
+    let (code, out) = verify_signed(&copy, &public);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("UNANCHORED") && out.contains(&format!("{unanchored} record(s) after")),
+        "{out}"
+    );
+
+    // Rewritten from line one: a decision's status changed, everything re-chained.
+    let mut edited = recs.clone();
+    let first = edited
+        .iter()
+        .position(|r| r.get("request_id").is_some())
+        .unwrap();
+    edited[first]["status"] = 500.into();
+    write_lines(&copy, &rechain(&edited, |_| {}));
+    assert!(
+        verify(&[&copy]).0,
+        "the re-chained log should pass the plain check"
+    );
+    let (code, out) = verify_signed(&copy, &public);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("BadCheckpoint") && out.contains("does not verify"),
+        "{out}"
+    );
+
+    // Rewritten and its checkpoints dropped: nothing signed by the key is left.
+    let bare: Vec<_> = edited.iter().filter(|r| !is_cp(r)).cloned().collect();
+    write_lines(&copy, &rechain(&bare, |_| {}));
+    let (code, out) = verify_signed(&copy, &public);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NoCheckpoint"), "{out}");
+
+    // Forged: re-signed with another key, under the real key's id and under its own.
+    let (other, _) = keygen(&keys.path().join("other"));
+    let hex_seed = std::fs::read_to_string(&other).unwrap();
+    let seed: [u8; 32] = hex::decode(hex_seed.trim()).unwrap().try_into().unwrap();
+    let forger = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let real_id = last["detail"]["key_id"].as_str().unwrap().to_string();
+    for key_id in [real_id.clone(), "0123456789abcdef".to_string()] {
+        let forged = rechain(&edited, |cp| {
+            use ed25519_dalek::Signer;
+            cp["detail"]["key_id"] = key_id.clone().into();
+            let msg = format!(
+                "breakwater-checkpoint-v1\n{}\n{}\n{}\n{}\n{}",
+                cp["instance"].as_str().unwrap(),
+                cp["detail"]["count"],
+                cp["detail"]["head"].as_str().unwrap(),
+                cp["ts"].as_str().unwrap(),
+                key_id
+            );
+            cp["detail"]["signature"] = hex::encode(forger.sign(msg.as_bytes()).to_bytes()).into();
+        });
+        write_lines(&copy, &forged);
+        let (code, out) = verify_signed(&copy, &public);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("BadCheckpoint"), "{out}");
+    }
+}
+
+/// Issue 15: the change trail. A reload (a changed route) and an admin change both appear
+/// in `audit changes` with the config hashes before and after, the routes changed and the
+/// actor; `--since` after them leaves them out.
+#[tokio::test]
+async fn audit_changes_shows_a_reload_and_an_admin_change_with_their_hashes() {
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = simple_config(&ai.url(), "", &audit_section(dir.path(), KEY_A, ""));
+    let proxy = TestProxy::start(&cfg).await;
+    let before = proxy.admin_get("/admin/config").await.unwrap().json()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &proxy.config_path,
+        cfg.replace("timeout_ms = 2000", "timeout_ms = 1500"),
+    )
+    .unwrap();
+    assert_eq!(
+        proxy.admin_post("/admin/reload", "", None).await.status,
+        200
+    );
+    let after = proxy.admin_get("/admin/config").await.unwrap().json()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(before, after);
+    assert_eq!(
+        proxy
+            .admin_post("/admin/routes/ai/ai", r#"{"enabled":false}"#, None)
+            .await
+            .status,
+        200
+    );
+    proxy.stop().await;
+    let changes = |extra: &[&str]| {
+        let out = Command::new(breakwater_bin())
+            .args(["audit", "changes"])
+            .args(extra)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = changes(&[]);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("TIME"), "{table}");
+    let reload = rows
+        .iter()
+        .find(|r| r.contains("config_reload"))
+        .unwrap_or_else(|| panic!("no reload row:\n{table}"));
+    assert!(
+        reload.contains(&format!("{} → {}", &before[..12], &after[..12])),
+        "{table}"
+    );
+    assert!(
+        reload.contains(r#"routes_changed={"added":[],"changed":["ai"],"removed":[]}"#),
+        "{table}"
+    );
+    assert!(
+        reload.contains("anonymous"),
+        "the admin reload's actor: {table}"
+    );
+    let admin = rows
+        .iter()
+        .find(|r| r.contains("admin_change"))
+        .unwrap_or_else(|| panic!("no admin row:\n{table}"));
+    assert!(
+        admin.contains(&format!("{} → {}", &after[..12], &after[..12])),
+        "{table}"
+    );
+    assert!(
+        admin.contains("action=ai_enabled") && admin.contains("anonymous"),
+        "{table}"
+    );
+    assert_eq!(rows.len(), 3, "decisions are not changes: {table}");
+    let later = changes(&["--since", "2999-01-01T00:00:00Z"]);
+    assert_eq!(later.lines().count(), 1, "{later}");
+}
+
+/// Issue 15: checkpoints are lines of the chain, so `publish_url` carries them to RabbitMQ
+/// too, an external witness of the head: the final checkpoint of a clean shutdown arrives,
+/// byte for byte, after every record it anchors.
+#[tokio::test]
+async fn checkpoints_reach_rabbitmq_with_the_lines_they_anchor() {
+    if !rabbit::available().await {
+        return;
+    }
+    use lapin::options::*;
+    let (_conn, ch) = rabbit::channel().await;
+    let name = rabbit::unique_route("audit_checkpoint");
+    let exchange = format!("test.audit.{name}");
+    let queue = format!("test.audit.{name}");
+    rabbit::bound_queue(&ch, &exchange, &queue, "audit.#").await;
+    let ai = MockAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(&dir.path().join("keys"));
+    let extra = format!(
+        "publish_url = \"{}\"\npublish_exchange = \"{exchange}\"\nsigning_key_file = \"{}\"\n",
+        rabbit::URL,
+        key.display()
+    );
+    let proxy = TestProxy::start(&simple_config(
+        &ai.url(),
+        "",
+        &audit_section(dir.path(), KEY_A, &extra),
+    ))
+    .await;
+    for i in 0..5 {
+        proxy
+            .post("/v1/grading", format!("{{\"essay\":{i}}}"))
+            .await;
+    }
+    proxy.stop().await;
+    let log = dir.path().join("decisions.jsonl");
+    let file = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = file.lines().collect();
+    assert!(lines.last().unwrap().contains("\"event\":\"checkpoint\""));
+    let mut copies = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while copies.len() < lines.len() && tokio::time::Instant::now() < deadline {
+        for m in rabbit::drain(&ch, &queue).await {
+            copies.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        copies, lines,
+        "the checkpoint did not travel with the lines"
+    );
+    // The copies verify on their own, anchored by the witnessed checkpoint.
+    let copy = dir.path().join("copy.jsonl");
+    write_lines(&copy, &copies);
+    let (code, out) = verify_signed(&copy, &public);
+    assert_eq!(code, 0, "{out}");
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
 }

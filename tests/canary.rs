@@ -138,6 +138,10 @@ async fn failing_variant_is_rolled_back_and_clients_see_no_errors() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(rollbacks >= 1, "{m}");
+    let hash = proxy.admin_get("/admin/config").await.unwrap().json()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
     proxy.stop().await;
     // The rollback is in the decision log with the figures that triggered it, and every
     // answer the variant gave is recorded with its variant name.
@@ -148,6 +152,9 @@ async fn failing_variant_is_rolled_back_and_clients_see_no_errors() {
         .find(|r| r["event"] == "canary_rollback")
         .expect("no canary_rollback event");
     assert_eq!(event["detail"]["variant"], "v8");
+    // With the config hash in force (issue 15's change trail).
+    assert_eq!(event["config_hash_before"], hash.as_str(), "{event}");
+    assert_eq!(event["config_hash_after"], hash.as_str(), "{event}");
     assert!(
         event["detail"]["rollback"]["summary"]["requests"]
             .as_u64()

@@ -329,12 +329,19 @@ async fn a_full_spool_disk_answers_rejected_readiness_says_degraded_and_space_re
 }
 
 #[tokio::test]
-async fn a_full_audit_disk_keeps_answering_then_the_log_resumes_and_verifies() {
+async fn a_full_audit_disk_keeps_answering_turns_strict_readiness_off_then_the_log_resumes_and_verifies(
+) {
     let Some(fs) = Tmpfs::mount() else { return };
     let ai = MockAi::start().await;
     let dir = tempfile::tempdir().unwrap();
     let log_dir = fs.path().join("audit");
-    let cfg = simple_config(&ai.url(), "", &audit_section(dir.path(), &log_dir));
+    // `strict` readiness, so the probe turns 503 (the default, `traffic`, stays 200 and
+    // reports `audit_disk` as degraded: tests/readiness.rs).
+    let cfg = simple_config(&ai.url(), "", &audit_section(dir.path(), &log_dir)).replacen(
+        "watch_config = true\n",
+        "watch_config = true\nreadiness = \"strict\"\n",
+        1,
+    );
     let proxy = TestProxy::start(&cfg).await;
     for _ in 0..5 {
         assert_eq!(proxy.get("/v1/x").await.status, 200);
@@ -346,7 +353,7 @@ async fn a_full_audit_disk_keeps_answering_then_the_log_resumes_and_verifies() {
         assert_eq!(r.status, 200, "request {i}");
         assert_eq!(r.outcome(), "ai");
     }
-    // Readiness reports it (off while records cannot be written: see the README).
+    // Strict readiness reports it (off while records cannot be written: see the README).
     assert!(
         poll_until(Duration::from_secs(10), || async {
             readyz(&proxy).await.status == 503

@@ -479,7 +479,7 @@ fn humantime_now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-fn nginx_config(dir: &Path, listen: u16, mock: SocketAddr) -> String {
+pub(crate) fn nginx_config(dir: &Path, listen: u16, mock: SocketAddr) -> String {
     format!(
         r#"worker_processes 1;
 daemon off;
@@ -506,7 +506,7 @@ http {{
     )
 }
 
-fn haproxy_config(listen: u16, mock: SocketAddr) -> String {
+pub(crate) fn haproxy_config(listen: u16, mock: SocketAddr) -> String {
     format!(
         r#"global
     nbthread 1

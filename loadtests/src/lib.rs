@@ -3,7 +3,9 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod cluster;
 pub mod driver;
+pub mod instructions;
 pub mod mock;
 pub mod report;
 pub mod scenario;

@@ -76,6 +76,27 @@ enum Cmd {
         #[arg(long, global = true, default_value = "loadtests/reports/chaos")]
         out: PathBuf,
     },
+    /// User-space instructions per request under callgrind (deterministic): breakwater with
+    /// the decision log off and on, the access log, unsampled tracing, the fallback path,
+    /// and nginx / HAProxy when installed; the costliest functions of each.
+    Instructions {
+        #[arg(long, default_value = "target/release/breakwater")]
+        proxy_bin: PathBuf,
+        #[arg(long, default_value = "target/release/mock-ai")]
+        mock_bin: PathBuf,
+        /// Requests counted per target (after the warm-up).
+        #[arg(long, default_value_t = 2000)]
+        requests: u64,
+        #[arg(long, default_value_t = 500)]
+        warmup: u64,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Functions listed per target.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long, default_value = "loadtests/reports")]
+        report_dir: PathBuf,
+    },
     /// Mock AI directly vs through breakwater, side by side in one run.
     Bench {
         #[arg(long, default_value = "target/release/breakwater")]
@@ -345,6 +366,41 @@ fn main() -> anyhow::Result<()> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             std::fs::write(report_dir.join(format!("{stamp}-peer.md")), &report)?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{report}");
+            }
+        }
+        Cmd::Instructions {
+            proxy_bin,
+            mock_bin,
+            requests,
+            warmup,
+            connections,
+            top,
+            report_dir,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(loadtests::instructions::instructions(
+                loadtests::instructions::InstrArgs {
+                    proxy_bin,
+                    mock_bin,
+                    requests,
+                    warmup,
+                    connections,
+                    top,
+                },
+            ))?;
+            std::fs::create_dir_all(&report_dir)?;
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let path = report_dir.join(format!("{stamp}-instructions.md"));
+            std::fs::write(&path, &report)?;
+            eprintln!("report written to {}", path.display());
             #[allow(clippy::print_stdout)]
             {
                 println!("{report}");

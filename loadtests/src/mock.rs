@@ -10,6 +10,10 @@
 //! "echo_len"}` with `x-model-version: V`. Paths: `/bytes/N` streams N bytes in 64 KiB
 //! chunks, `/status/N` answers N, `/echo` echoes the body, `/headers` answers the request
 //! headers, `/slow/MS` sleeps MS first.
+//!
+//! Replays (requests with `x-breakwater-replay: 1`, breakwater's replay marker) are timed:
+//! `max_replays_per_s()` is the most seen in any 1 s window, the figure a fleet's shared
+//! replay pace is held to.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -92,6 +96,9 @@ struct State {
     /// Every `Idempotency-Key` seen and how often (not capped like the log: replay checks
     /// in long scenarios count on it).
     keys: Mutex<HashMap<String, u32>>,
+    /// When each replay arrived, since the mock started, in arrival order.
+    replays: Mutex<Vec<Duration>>,
+    started: std::time::Instant,
     /// Cancelled to drop every open connection (outage, shutdown).
     conns: Mutex<CancellationToken>,
 }
@@ -142,6 +149,8 @@ impl MockAi {
             requests: AtomicU64::new(0),
             log: Mutex::new(VecDeque::new()),
             keys: Mutex::new(HashMap::new()),
+            replays: Mutex::new(Vec::new()),
+            started: std::time::Instant::now(),
             conns: Mutex::new(CancellationToken::new()),
         });
         let mock = MockAi {
@@ -316,6 +325,29 @@ impl MockAi {
             .unwrap_or_default()
     }
 
+    /// How many distinct `Idempotency-Key`s reached the mock.
+    pub fn distinct_keys(&self) -> usize {
+        self.state.keys.lock().map(|k| k.len()).unwrap_or(0)
+    }
+
+    /// Requests that carried breakwater's replay marker (`x-breakwater-replay: 1`).
+    pub fn replays(&self) -> u64 {
+        self.state
+            .replays
+            .lock()
+            .map(|r| r.len() as u64)
+            .unwrap_or(0)
+    }
+
+    /// The most replays seen in any 1 s window (sliding, not aligned to whole seconds).
+    pub fn max_replays_per_s(&self) -> u64 {
+        self.state
+            .replays
+            .lock()
+            .map(|r| max_in_window(&r, Duration::from_secs(1)))
+            .unwrap_or(0)
+    }
+
     pub fn apply(&self, f: &Faults) {
         apply_faults(&self.state, f);
     }
@@ -334,6 +366,19 @@ impl Drop for MockAi {
         }
         self.drop_connections();
     }
+}
+
+/// The most of `times` (ascending) that fall in any half-open window `[t, t + window)`.
+pub fn max_in_window(times: &[Duration], window: Duration) -> u64 {
+    let mut max = 0;
+    let mut start = 0;
+    for (end, t) in times.iter().enumerate() {
+        while times[start] + window <= *t {
+            start += 1;
+        }
+        max = max.max(end + 1 - start);
+    }
+    max as u64
 }
 
 fn apply_faults(state: &State, f: &Faults) {
@@ -495,6 +540,15 @@ async fn handle(
     {
         if let Ok(mut keys) = state.keys.lock() {
             *keys.entry(key.to_string()).or_insert(0) += 1;
+        }
+    }
+    if parts
+        .headers
+        .get("x-breakwater-replay")
+        .is_some_and(|v| v.as_bytes() == b"1")
+    {
+        if let Ok(mut replays) = state.replays.lock() {
+            replays.push(state.started.elapsed());
         }
     }
     if let Ok(mut log) = state.log.lock() {
@@ -720,7 +774,14 @@ fn control(state: &State, what: &str, body: &Bytes) -> http::Response<Body> {
             full(
                 200,
                 "application/json",
-                serde_json::json!({"requests": state.requests.load(Ordering::SeqCst), "model_version": version}).to_string(),
+                serde_json::json!({
+                    "requests": state.requests.load(Ordering::SeqCst),
+                    "model_version": version,
+                    "replays": state.replays.lock().map(|r| r.len()).unwrap_or(0),
+                    "max_replays_per_s": state.replays.lock().map(|r| max_in_window(&r, Duration::from_secs(1))).unwrap_or(0),
+                    "distinct_idempotency_keys": state.keys.lock().map(|k| k.len()).unwrap_or(0),
+                })
+                .to_string(),
             )
         }
         _ => full(

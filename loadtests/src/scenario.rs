@@ -3,7 +3,8 @@
 //! scenario's invariants are checked and a report is written.
 //!
 //! The mock AI runs in this process (so faults apply at the exact second); breakwater is a
-//! child process with the decision log on.
+//! child process with the decision log on, or several (`[fleet]`), optionally on the local
+//! three-node RabbitMQ cluster, whose nodes the timeline can kill.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::bench::{free_port, wait_http_ok, Proc};
+use crate::cluster::{self, Cluster};
 use crate::driver::{self, LoadSpec};
 use crate::mock::MockAi;
 use crate::report::{self, Marker};
@@ -32,6 +34,8 @@ pub struct Scenario {
     pub with_canary_upstream: bool,
     #[serde(default)]
     pub needs_rabbitmq: bool,
+    /// Several instances, on the local RabbitMQ cluster if asked.
+    pub fleet: Option<Fleet>,
     /// After the load: how long to wait for replays and drains to finish.
     #[serde(default = "default_settle")]
     pub settle_s: f64,
@@ -40,6 +44,27 @@ pub struct Scenario {
     pub timeline: Vec<Step>,
     #[serde(default)]
     pub invariants: Invariants,
+}
+
+/// `[fleet]`: several breakwater processes side by side, as one per Magento pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// breakwater processes, each with its own spool, decision log, ports and instance
+    /// name (`<scenario>-<n>`); every stream's rate and connections are split evenly.
+    pub instances: usize,
+    /// Start the local three-node cluster (`loadtests/rabbit-cluster.sh`) for the run:
+    /// `{cluster_urls}` in `config` becomes its nodes (a TOML array), and every instance
+    /// copies its decision log there (`[audit] publish_url`).
+    #[serde(default)]
+    pub cluster: bool,
+    /// The cluster's watchdog stops it after this long, whatever happens to the run.
+    #[serde(default = "default_cluster_ttl")]
+    pub cluster_ttl_s: u64,
+}
+
+fn default_cluster_ttl() -> u64 {
+    600
 }
 
 /// One kind of traffic, with its own rate and its own invariants.
@@ -72,6 +97,10 @@ pub struct Stream {
     /// Every DLQ'd request of this stream reached the AI again (by Idempotency-Key).
     #[serde(default)]
     pub replayed_after_recovery: bool,
+    /// Every DLQ'd request of this stream has a result in `breakwater.results.<route>`,
+    /// counted on the cluster (needs `route` and `[fleet] cluster`).
+    #[serde(default)]
+    pub results_published: bool,
 }
 
 fn default_connections() -> usize {
@@ -92,7 +121,8 @@ fn default_settle() -> f64 {
 pub struct Step {
     pub at_s: f64,
     /// ai_down | ai_up | ai_errors | ai_recover | ai_slow | broker_stop | broker_start |
-    /// reload_every | canary_fail
+    /// reload_every | canary_fail | kill_connected_node (kill -9 of the cluster node most
+    /// instances publish to) | restart_killed_node
     pub action: String,
     pub delay_ms: Option<u64>,
     pub error_rate: Option<f64>,
@@ -119,6 +149,14 @@ pub struct Invariants {
     /// The canary was rolled back automatically.
     #[serde(default)]
     pub canary_rolled_back: bool,
+    /// The route's `replay_rate_per_s`: the AI never sees more replays than this (+10%)
+    /// in any 1 s window, across all instances.
+    pub replay_pace_per_s: Option<f64>,
+    /// `breakwater audit collect` of the cluster's `breakwater.audit` gets every record of
+    /// every instance, with no gap, and `breakwater audit verify` accepts each instance's
+    /// collected chain (needs `[fleet] cluster`).
+    #[serde(default)]
+    pub audit_collected: bool,
 }
 
 pub struct RunArgs {
@@ -136,49 +174,91 @@ pub struct Check {
     pub detail: String,
 }
 
-#[allow(clippy::too_many_arguments)] // one place builds the whole config text
-fn config_text(
-    sc: &Scenario,
-    id: &str,
+/// One breakwater process of the run: its own ports, directory (spool, decision log) and,
+/// in a fleet, instance name.
+#[derive(Debug, Clone)]
+struct Instance {
+    name: String,
     listen: u16,
-    admin: u16,
+    admin: SocketAddr,
+    dir: PathBuf,
+    cfg_path: PathBuf,
+}
+
+/// What every instance's config is made from.
+#[derive(Clone)]
+struct ConfigInputs {
+    sc: Scenario,
+    id: String,
     ai: SocketAddr,
     canary: Option<SocketAddr>,
-    dir: &Path,
-    reload_n: u64,
-) -> String {
-    let canary_upstream = canary
+    /// The cluster's nodes as a TOML array (`{cluster_urls}`; also the audit copies' target).
+    cluster_urls: Option<String>,
+    fleet: bool,
+}
+
+fn config_text(c: &ConfigInputs, inst: &Instance, reload_n: u64) -> String {
+    let canary_upstream = c
+        .canary
         .map(|a| format!("[upstreams.canary]\nurl = \"http://{a}\"\n"))
         .unwrap_or_default();
+    let instance = if c.fleet {
+        format!("instance = \"{}\"\n", inst.name)
+    } else {
+        String::new()
+    };
+    let publish = c
+        .cluster_urls
+        .as_ref()
+        .map(|u| format!("publish_url = {u}\n"))
+        .unwrap_or_default();
+    let dir = &inst.dir;
     // reload_n changes a comment and an idle setting, so each rewrite is a real reload.
     format!(
         r#"# reload {reload_n}
 [server]
-listen = "127.0.0.1:{listen}"
-admin_listen = "127.0.0.1:{admin}"
+{instance}listen = "127.0.0.1:{}"
+admin_listen = "{}"
 watch_config = true
 idle_timeout_ms = {}
 
 [upstreams.ai]
-url = "http://{ai}"
+url = "http://{}"
 pool_max_idle_per_host = 1024
 
 [upstreams.rules]
-url = "http://{ai}"
+url = "http://{}"
 {canary_upstream}
 [audit]
 path = "{}/audit/decisions.jsonl"
 hmac_key_file = "{}/audit.key"
-
+{publish}
 {}
 "#,
+        inst.listen,
+        inst.admin,
         60_000 + reload_n,
+        c.ai,
+        c.ai,
         dir.display(),
         dir.display(),
-        sc.config
-            .replace("{id}", id)
+        c.sc.config
+            .replace("{id}", &c.id)
             .replace("{spool}", &dir.join("spool").display().to_string())
+            .replace(
+                "{cluster_urls}",
+                c.cluster_urls
+                    .as_deref()
+                    .unwrap_or("\"no cluster: set [fleet] cluster = true\"")
+            )
     )
+}
+
+/// Writes an instance's config, replacing the file by rename as Kubernetes does.
+fn write_config(c: &ConfigInputs, inst: &Instance, reload_n: u64) -> std::io::Result<()> {
+    let tmp = inst.dir.join("breakwater.toml.tmp");
+    std::fs::write(&tmp, config_text(c, inst, reload_n))?;
+    std::fs::rename(&tmp, &inst.cfg_path)
 }
 
 async fn admin_get(admin: SocketAddr, path: &str) -> Option<bytes::Bytes> {
@@ -272,6 +352,18 @@ async fn dlq_counts(admin: SocketAddr) -> Option<(u64, u64)> {
     ))
 }
 
+/// `dlq_counts` summed over the instances of a fleet (`None` when none answers).
+async fn fleet_dlq_counts(admins: &[SocketAddr]) -> Option<(u64, u64)> {
+    let mut sum = None;
+    for a in admins {
+        if let Some((acc, publ)) = dlq_counts(*a).await {
+            let (sa, sp) = sum.unwrap_or((0, 0));
+            sum = Some((sa + acc, sp + publ));
+        }
+    }
+    sum
+}
+
 /// How fast the spool drained to RabbitMQ, from (seconds since the load started, accepted,
 /// published) samples. None when nothing went through the DLQ.
 pub fn drain_check(samples: &[(f64, u64, u64)], load_s: f64) -> Option<Check> {
@@ -324,6 +416,133 @@ fn rabbitmqctl(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// The figures of a fleet run that the timeline's cluster actions produce.
+#[derive(Default)]
+struct FleetLog {
+    notes: Vec<String>,
+    checks: Vec<Check>,
+}
+
+fn node_names(nodes: &[Option<usize>]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.map_or("-".to_string(), |n| format!("bw{}", n + 1)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// kill -9 of the node the instances publish to, then how long until every instance's
+/// publisher is on another node.
+async fn kill_connected_node(
+    cluster: &tokio::sync::Mutex<Cluster>,
+    admins: &[SocketAddr],
+    started: tokio::time::Instant,
+    log: &std::sync::Mutex<FleetLog>,
+) {
+    let before = cluster::publisher_nodes(admins).await;
+    let mut c = cluster.lock().await;
+    let at = started.elapsed().as_secs_f64();
+    // From the kill -9 on: the script returns once the node's process is gone.
+    let t = tokio::time::Instant::now();
+    let killed = c.kill_connected_node(admins).await;
+    drop(c);
+    let (name, detail, ok) = match killed {
+        Err(e) => (
+            "kill -9 of the node the fleet publishes to".to_string(),
+            format!("{e:#}"),
+            false,
+        ),
+        Ok(node) => {
+            let mut after = Vec::new();
+            let mut moved = false;
+            while t.elapsed() < Duration::from_secs(30) {
+                after = cluster::publisher_nodes(admins).await;
+                if after.iter().all(|n| n.is_some_and(|n| n != node)) {
+                    moved = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (
+                format!(
+                    "every DLQ publisher moved off bw{} after its kill -9",
+                    node + 1
+                ),
+                format!(
+                    "kill -9 of bw{} at {at:.1} s (publishers on {}); {}",
+                    node + 1,
+                    node_names(&before),
+                    if moved {
+                        format!(
+                            "publishers on {} {:.1} s after the kill",
+                            node_names(&after),
+                            t.elapsed().as_secs_f64()
+                        )
+                    } else {
+                        format!("30 s later still on {}", node_names(&after))
+                    }
+                ),
+                moved,
+            )
+        }
+    };
+    if let Ok(mut l) = log.lock() {
+        l.notes.push(detail.clone());
+        l.checks.push(Check { name, ok, detail });
+    }
+}
+
+async fn restart_killed_node(
+    cluster: &tokio::sync::Mutex<Cluster>,
+    started: tokio::time::Instant,
+    log: &std::sync::Mutex<FleetLog>,
+) {
+    let mut c = cluster.lock().await;
+    let node = c.killed();
+    let t = tokio::time::Instant::now();
+    let at = started.elapsed().as_secs_f64();
+    let note = match c.restart_killed_node().await {
+        Ok(()) => node.map_or("restart_killed_node: no node was killed".to_string(), |n| {
+            format!(
+                "bw{} restarted at {at:.1} s, rejoined {:.1} s later",
+                n + 1,
+                t.elapsed().as_secs_f64()
+            )
+        }),
+        Err(e) => format!("restart of the killed node failed: {e:#}"),
+    };
+    if let Ok(mut l) = log.lock() {
+        l.notes.push(note);
+    }
+}
+
+/// The lines of an instance's decision log files (`decisions*.jsonl`) under `dir`.
+fn decision_lines(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("decisions") && n.ends_with(".jsonl")
+                })
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .map(|t| t.lines().count())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn audit_verify(proxy_bin: &Path, dir: &Path) -> anyhow::Result<(bool, String)> {
+    let out = std::process::Command::new(proxy_bin)
+        .args(["audit", "verify"])
+        .arg(dir)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
 pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -333,12 +552,22 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
     if let Some(st) = sc
         .streams
         .iter()
-        .find(|s| s.fallback_p99_ms.is_some() && s.route.is_none())
+        .find(|s| (s.fallback_p99_ms.is_some() || s.results_published) && s.route.is_none())
     {
         anyhow::bail!(
-            "invalid scenario {}: stream {:?} sets fallback_p99_ms without route",
+            "invalid scenario {}: stream {:?} sets fallback_p99_ms or results_published without route",
             path.display(),
             st.name
+        );
+    }
+    let fleet = sc.fleet.clone();
+    let with_cluster = fleet.as_ref().is_some_and(|f| f.cluster);
+    if (sc.invariants.audit_collected || sc.streams.iter().any(|s| s.results_published))
+        && !with_cluster
+    {
+        anyhow::bail!(
+            "invalid scenario {}: audit_collected and results_published need [fleet] cluster = true",
+            path.display()
         );
     }
     if sc.needs_rabbitmq
@@ -354,11 +583,31 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         std::process::id()
     ));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("audit.key"),
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
-    )?;
     let id = format!("{}", std::process::id());
+
+    // The local three-node cluster, before anything that talks to it.
+    let cluster = match &fleet {
+        Some(f) if f.cluster => {
+            if !cluster::available() {
+                anyhow::bail!(
+                    "scenario {} needs rabbitmq-server installed (the local cluster kit)",
+                    sc.name
+                );
+            }
+            let c = Cluster::start(Duration::from_secs(f.cluster_ttl_s))
+                .await
+                .context("cannot start the local RabbitMQ cluster (loadtests/rabbit-cluster.sh)")?;
+            Some(Arc::new(tokio::sync::Mutex::new(c)))
+        }
+        _ => None,
+    };
+    let (cluster_urls, cluster_toml) = match &cluster {
+        Some(c) => {
+            let c = c.lock().await;
+            (c.urls().to_vec(), Some(c.urls_toml()))
+        }
+        None => (Vec::new(), None),
+    };
 
     let ai = Arc::new(MockAi::start().await);
     ai.set_model_version("model-v1");
@@ -369,53 +618,113 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
     } else {
         None
     };
-    let (listen, admin) = (free_port()?, free_port()?);
-    let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
-    let cfg_path = dir.join("breakwater.toml");
-    let write_cfg = |n: u64| -> std::io::Result<()> {
-        let text = config_text(
-            &sc,
-            &id,
-            listen,
-            admin,
-            ai.addr(),
-            canary.as_ref().map(|c| c.addr()),
-            &dir,
-            n,
-        );
-        // Replace by rename, as Kubernetes does.
-        let tmp = dir.join("breakwater.toml.tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &cfg_path)
-    };
-    write_cfg(0)?;
-    let check = std::process::Command::new(&args.proxy_bin)
-        .args(["check", "--config"])
-        .arg(&cfg_path)
-        .output()?;
-    if !check.status.success() {
-        anyhow::bail!(
-            "scenario config invalid:\n{}",
-            String::from_utf8_lossy(&check.stderr)
-        );
+    let n = fleet.as_ref().map_or(1, |f| f.instances.max(1));
+    let mut instances = Vec::new();
+    for i in 0..n {
+        let name = if fleet.is_some() {
+            format!("{}-{}", sc.name, i + 1)
+        } else {
+            "breakwater".to_string()
+        };
+        let idir = if fleet.is_some() {
+            dir.join(&name)
+        } else {
+            dir.clone()
+        };
+        std::fs::create_dir_all(&idir)?;
+        std::fs::write(
+            idir.join("audit.key"),
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+        )?;
+        instances.push(Instance {
+            cfg_path: idir.join("breakwater.toml"),
+            name,
+            listen: free_port()?,
+            admin: ([127, 0, 0, 1], free_port()?).into(),
+            dir: idir,
+        });
     }
-    let proxy = Proc::spawn(
-        "breakwater",
-        &args.proxy_bin,
-        &["--config".into(), cfg_path.display().to_string()],
-        None,
-        &[("RUST_LOG", "warn")],
-    )?;
-    wait_http_ok(admin_addr, "/readyz", Duration::from_secs(30)).await?;
+    let inputs = ConfigInputs {
+        sc: sc.clone(),
+        id: id.clone(),
+        ai: ai.addr(),
+        canary: canary.as_ref().map(|c| c.addr()),
+        cluster_urls: cluster_toml.clone(),
+        fleet: fleet.is_some(),
+    };
+    for inst in &instances {
+        write_config(&inputs, inst, 0)?;
+        let check = std::process::Command::new(&args.proxy_bin)
+            .args(["check", "--config"])
+            .arg(&inst.cfg_path)
+            .output()?;
+        if !check.status.success() {
+            anyhow::bail!(
+                "scenario config invalid:\n{}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+    let admins: Vec<SocketAddr> = instances.iter().map(|i| i.admin).collect();
+    let admin_addr = admins[0];
+
+    // The central audit collector runs before the sidecars publish: its queue must be bound
+    // to `breakwater.audit` before the first copy arrives.
+    let collected = dir.join("collected");
+    let mut collector = None;
+    if sc.invariants.audit_collected {
+        let mut cmd = tokio::process::Command::new(&args.proxy_bin);
+        cmd.args(["audit", "collect", "--amqp"])
+            .arg(cluster_urls.join(","))
+            .arg("--out")
+            .arg(&collected)
+            .args(["--idle-exit-s", "10"])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(dir.join("collect.out"))?)
+            .stderr(std::fs::File::create(dir.join("collect.err"))?)
+            .kill_on_drop(true);
+        collector = Some(
+            cmd.spawn()
+                .context("cannot start breakwater audit collect")?,
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while cluster::queue_depth(&cluster_urls, "breakwater.audit.collect")
+            .await
+            .is_none()
+        {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("breakwater audit collect did not declare its queue within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let mut procs = Vec::new();
+    for inst in &instances {
+        procs.push(Proc::spawn(
+            &inst.name,
+            &args.proxy_bin,
+            &["--config".into(), inst.cfg_path.display().to_string()],
+            None,
+            &[("RUST_LOG", "warn")],
+        )?);
+    }
+    for a in &admins {
+        wait_http_ok(*a, "/readyz", Duration::from_secs(30)).await?;
+    }
     let gen_before = admin_json(admin_addr, "/admin/config")
         .await
         .and_then(|c| c["generation"].as_u64())
         .unwrap_or(0);
 
     // The timeline runs beside the load.
+    let started = tokio::time::Instant::now();
+    let fleet_log = Arc::new(std::sync::Mutex::new(FleetLog::default()));
     let mut markers = Vec::new();
     let mut steps = Vec::new();
-    let write_cfg = Arc::new(write_cfg);
+    let mut cluster_steps = Vec::new();
+    let instances = Arc::new(instances);
     for step in &sc.timeline {
         markers.push(Marker {
             at_s: t(step.at_s),
@@ -425,9 +734,13 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         let ai = ai.clone();
         let canary = canary.clone();
         let time_scale = args.time_scale;
-        let write_cfg = write_cfg.clone();
-        let (sc2, id2, dir2, cfg2) = (sc.clone(), id.clone(), dir.clone(), cfg_path.clone());
-        steps.push(tokio::spawn(async move {
+        let (inputs, instances) = (inputs.clone(), instances.clone());
+        let (cluster, admins, fleet_log) = (cluster.clone(), admins.clone(), fleet_log.clone());
+        let is_cluster_step = matches!(
+            step.action.as_str(),
+            "kill_connected_node" | "restart_killed_node"
+        );
+        let task = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs_f64(step.at_s * time_scale)).await;
             match step.action.as_str() {
                 "ai_down" => ai.outage(true).await,
@@ -443,6 +756,13 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
                 "broker_start" => {
                     rabbitmqctl(&["start_app"]);
                 }
+                "kill_connected_node" | "restart_killed_node" => match &cluster {
+                    None => eprintln!("warning: {} needs [fleet] cluster = true", step.action),
+                    Some(c) if step.action == "kill_connected_node" => {
+                        kill_connected_node(c, &admins, started, &fleet_log).await
+                    }
+                    Some(c) => restart_killed_node(c, started, &fleet_log).await,
+                },
                 "canary_fail" => {
                     if let Some(c) = &canary {
                         c.set_error_rate(
@@ -460,39 +780,33 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
                     let mut n = 0u64;
                     while tokio::time::Instant::now() < until {
                         n += 1;
-                        let text = config_text(
-                            &sc2,
-                            &id2,
-                            listen,
-                            admin,
-                            ai.addr(),
-                            canary.as_ref().map(|c| c.addr()),
-                            &dir2,
-                            n,
-                        );
-                        let tmp = dir2.join("breakwater.toml.tmp");
-                        if std::fs::write(&tmp, text).is_ok() {
-                            let _ = std::fs::rename(&tmp, &cfg2);
+                        for inst in instances.iter() {
+                            let _ = write_config(&inputs, inst, n);
                         }
                         tokio::time::sleep(every).await;
                     }
-                    let _ = write_cfg;
                 }
                 other => eprintln!("warning: unknown timeline action {other:?}"),
             }
-        }));
+        });
+        if is_cluster_step {
+            cluster_steps.push(task);
+        } else {
+            steps.push(task);
+        }
     }
 
-    // With RabbitMQ in the scenario, how fast the spool drains to it: sampled from
-    // breakwater's counters while the load runs and afterwards.
+    // With RabbitMQ in the scenario, how fast the spools drain to it: sampled from
+    // breakwater's counters (summed over the instances) while the load runs and afterwards.
     let load_start = tokio::time::Instant::now();
     let drain_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let drain = sc.needs_rabbitmq.then(|| {
+    let drain = (sc.needs_rabbitmq || with_cluster).then(|| {
         let stop = drain_stop.clone();
+        let admins = admins.clone();
         tokio::spawn(async move {
             let mut samples: Vec<(f64, u64, u64)> = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some((accepted, published)) = dlq_counts(admin_addr).await {
+                if let Some((accepted, published)) = fleet_dlq_counts(&admins).await {
                     samples.push((load_start.elapsed().as_secs_f64(), accepted, published));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -500,24 +814,41 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
             samples
         })
     });
-    let target: SocketAddr = ([127, 0, 0, 1], listen).into();
+    // Each stream's rate and connections are split evenly across the instances.
     let mut runs = Vec::new();
     for st in &sc.streams {
-        let mut spec = LoadSpec::get(target, &st.path);
-        spec.method = st.method.parse().unwrap_or(http::Method::GET);
-        spec.body = bytes::Bytes::from(st.body.clone());
-        spec.rate = Some(st.rate * args.rate_scale);
-        spec.duration = Duration::from_secs_f64(t(sc.duration_s));
-        spec.connections = st.connections;
-        spec.headers = vec![("content-type".into(), "application/json".into())];
-        runs.push(tokio::spawn(driver::run(spec)));
+        let mut per_instance = Vec::new();
+        for inst in instances.iter() {
+            let target: SocketAddr = ([127, 0, 0, 1], inst.listen).into();
+            let mut spec = LoadSpec::get(target, &st.path);
+            spec.method = st.method.parse().unwrap_or(http::Method::GET);
+            spec.body = bytes::Bytes::from(st.body.clone());
+            spec.rate = Some(st.rate * args.rate_scale / n as f64);
+            spec.duration = Duration::from_secs_f64(t(sc.duration_s));
+            spec.connections = (st.connections / n).max(1);
+            spec.headers = vec![("content-type".into(), "application/json".into())];
+            per_instance.push(tokio::spawn(driver::run(spec)));
+        }
+        runs.push(per_instance);
     }
     let mut results = Vec::new();
-    for r in runs {
-        results.push(r.await??);
+    for per_instance in runs {
+        let mut merged: Option<driver::LoadResult> = None;
+        for r in per_instance {
+            let r = r.await??;
+            match &mut merged {
+                None => merged = Some(r),
+                Some(m) => m.merge(&r)?,
+            }
+        }
+        results.push(merged.context("a stream without an instance")?);
     }
     for s in steps {
         s.abort();
+    }
+    // A kill or restart in progress finishes (it records the failover figures).
+    for s in cluster_steps {
+        let _ = tokio::time::timeout(Duration::from_secs(150), s).await;
     }
     // Faults end with the run: the AI and the broker come back for the settle phase.
     ai.outage(false).await;
@@ -570,6 +901,7 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         });
     }
     let mut replay_expected = 0u64;
+    let mut results_expected = Vec::new();
     for (st, r) in sc.streams.iter().zip(&results) {
         let rc = &r.counts;
         let accepted = rc.dlq.get("queued").copied().unwrap_or(0)
@@ -613,12 +945,17 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         if st.replayed_after_recovery {
             replay_expected += accepted;
         }
+        if st.results_published {
+            let route = st.route.as_deref().unwrap_or_default().replace("{id}", &id);
+            results_expected.push((st.name.clone(), route, accepted));
+        }
     }
+    let settle_deadline =
+        tokio::time::Instant::now() + Duration::from_secs_f64(sc.settle_s.max(1.0));
     if sc.streams.iter().any(|s| s.replayed_after_recovery) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(sc.settle_s.max(1.0));
         let mut replayed = 0u64;
-        while tokio::time::Instant::now() < deadline {
-            replayed = ai.idempotency_keys().len() as u64;
+        while tokio::time::Instant::now() < settle_deadline {
+            replayed = ai.distinct_keys() as u64;
             if replayed >= replay_expected {
                 break;
             }
@@ -631,8 +968,52 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
             name: "every DLQ'd request replayed to the AI after recovery".into(),
             ok: replayed >= replay_expected && replay_expected > 0,
             detail: format!(
-                "{replayed} of {replay_expected} (distinct Idempotency-Keys at the AI); DLQ: {}",
+                "{replayed} of {replay_expected} (distinct Idempotency-Keys at the AI, {} replays in all); DLQ: {}",
+                ai.replays(),
                 dlq["routes"]
+            ),
+        });
+    }
+    for (stream, route, expected) in results_expected {
+        let queue = format!("breakwater.results.{route}");
+        let mut depth = 0;
+        loop {
+            depth = cluster::queue_depth(&cluster_urls, &queue)
+                .await
+                .unwrap_or(depth);
+            if u64::from(depth) >= expected || tokio::time::Instant::now() > settle_deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Then by request id: a redelivered replay may have published a result twice.
+        let ids = cluster::drain_request_ids(&cluster_urls, &queue)
+            .await
+            .unwrap_or_default();
+        let distinct = ids
+            .iter()
+            .filter(|i| !i.is_empty())
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64;
+        checks.push(Check {
+            name: format!("{stream}: every result reached {queue}"),
+            ok: distinct >= expected && expected > 0,
+            detail: format!(
+                "{depth} results in the queue (counted on the cluster), {distinct} distinct request ids, for {expected} DLQ'd requests"
+            ),
+        });
+    }
+    if let Some(pace) = inv.replay_pace_per_s {
+        let busiest = ai.max_replays_per_s();
+        let limit = pace * 1.1;
+        checks.push(Check {
+            name: format!(
+                "the AI never saw more than {pace}/s (+10%) replays across the {n} instance(s)"
+            ),
+            ok: busiest as f64 <= limit && ai.replays() > 0,
+            detail: format!(
+                "busiest 1 s window (sliding): {busiest} replays, limit {limit:.0}; {} replays in all",
+                ai.replays()
             ),
         });
     }
@@ -640,7 +1021,7 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         // One more sample after the replay wait, then the figures.
         drain_stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut samples = drain.await.unwrap_or_default();
-        if let Some((accepted, published)) = dlq_counts(admin_addr).await {
+        if let Some((accepted, published)) = fleet_dlq_counts(&admins).await {
             samples.push((load_start.elapsed().as_secs_f64(), accepted, published));
         }
         if let Some(check) = drain_check(&samples, t(sc.duration_s)) {
@@ -676,23 +1057,67 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
                 .unwrap_or_else(|| "no rollback".into()),
         });
     }
-    // A graceful stop flushes the decision log; then its chain must verify.
-    if let Some(pid) = proxy.pid() {
-        let _ = std::process::Command::new("kill")
-            .arg(pid.to_string())
-            .status();
+    // A graceful stop flushes the decision log (and its copies); then its chain must verify.
+    for proxy in &procs {
+        if let Some(pid) = proxy.pid() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
     }
-    let mut proxy = proxy;
-    let _ = tokio::time::timeout(Duration::from_secs(20), proxy.child.wait()).await;
-    let verify = std::process::Command::new(&args.proxy_bin)
-        .args(["audit", "verify"])
-        .arg(dir.join("audit"))
-        .output()?;
-    checks.push(Check {
-        name: "decision log verifies".into(),
-        ok: verify.status.success(),
-        detail: String::from_utf8_lossy(&verify.stdout).trim().to_string(),
-    });
+    for proxy in &mut procs {
+        let _ = tokio::time::timeout(Duration::from_secs(20), proxy.child.wait()).await;
+    }
+    for inst in instances.iter() {
+        let (ok, detail) = audit_verify(&args.proxy_bin, &inst.dir.join("audit"))?;
+        checks.push(Check {
+            name: if fleet.is_some() {
+                format!("decision log of {} verifies", inst.name)
+            } else {
+                "decision log verifies".into()
+            },
+            ok,
+            detail,
+        });
+    }
+    if let Some(mut child) = collector {
+        // It exits 10 s after the last copy; gaps or conflicts make its status 2.
+        let status = match tokio::time::timeout(Duration::from_secs(90), child.wait()).await {
+            Ok(s) => s.ok().and_then(|s| s.code()),
+            Err(_) => {
+                let _ = child.kill().await;
+                None
+            }
+        };
+        let out = std::fs::read_to_string(dir.join("collect.out")).unwrap_or_default();
+        for inst in instances.iter() {
+            let mine = decision_lines(&inst.dir.join("audit"));
+            let theirs = decision_lines(&collected.join(&inst.name));
+            let (verified, report) = audit_verify(&args.proxy_bin, &collected.join(&inst.name))?;
+            let summary = out
+                .lines()
+                .find(|l| l.starts_with(&format!("{}:", inst.name)))
+                .unwrap_or("(no summary line)");
+            checks.push(Check {
+                name: format!(
+                    "the audit collected from the cluster verifies for {}",
+                    inst.name
+                ),
+                ok: status == Some(0) && verified && theirs == mine && mine > 0,
+                detail: format!(
+                    "{theirs} of {mine} records collected; collector exit {status:?}: {summary}; verify: {report}"
+                ),
+            });
+        }
+    }
+    let fleet_log = match fleet_log.lock() {
+        Ok(mut l) => std::mem::take(&mut *l),
+        Err(_) => FleetLog::default(),
+    };
+    checks.extend(fleet_log.checks);
+    if let Some(c) = &cluster {
+        c.lock().await.stop();
+    }
     if sc.needs_rabbitmq {
         // Leave no test queues behind.
         for name in sc
@@ -714,9 +1139,17 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
 
     let ok = checks.iter().all(|c| c.ok);
     let mut summary = format!(
-        "{}\n\n{:.1} s; streams: {}\n\nrequests {}, transport errors {}, throughput {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms\n\noutcomes {:?}; fallbacks {:?}; reasons {:?}; dlq {:?}; status {:?}\n\n## Invariants\n\n",
+        "{}\n\n{:.1} s; {}streams: {}\n\nrequests {}, transport errors {}, throughput {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms\n\noutcomes {:?}; fallbacks {:?}; reasons {:?}; dlq {:?}; status {:?}\n\n",
         sc.description.trim(),
         t(sc.duration_s),
+        match &fleet {
+            Some(f) => format!(
+                "{} breakwater instances{}; ",
+                n,
+                if f.cluster { " on the local three-node RabbitMQ cluster" } else { "" }
+            ),
+            None => String::new(),
+        },
         sc.streams.iter().map(|s| format!("{} {} {} at {} req/s", s.name, s.method, s.path, s.rate * args.rate_scale)).collect::<Vec<_>>().join("; "),
         c.requests,
         c.errors,
@@ -730,6 +1163,14 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         c.dlq,
         c.status
     );
+    if !fleet_log.notes.is_empty() {
+        summary.push_str("## Cluster\n\n");
+        for note in &fleet_log.notes {
+            summary.push_str(&format!("- {note}\n"));
+        }
+        summary.push('\n');
+    }
+    summary.push_str("## Invariants\n\n");
     for (st, r) in sc.streams.iter().zip(&results) {
         summary.push_str(&format!(
             "- stream {}: {} requests, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms\n",
@@ -761,7 +1202,9 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         &result,
         &markers,
     )?;
-    let _ = std::fs::remove_dir_all(&dir);
+    if ok || std::env::var_os("BW_SCENARIO_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok((ok, md))
 }
 

@@ -147,3 +147,67 @@ async fn load_command_drives_a_running_target_and_refuses_other_hosts() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback only"));
 }
+
+#[tokio::test]
+async fn mock_counts_replays_per_second_over_sliding_windows_and_distinct_keys() {
+    use loadtests::mock::max_in_window;
+    let ms = Duration::from_millis;
+    // A window is [t, t + 1 s): 0.9 s and 1.0 s are one second apart, so not together.
+    assert_eq!(max_in_window(&[], ms(1000)), 0);
+    assert_eq!(
+        max_in_window(&[ms(0), ms(100), ms(900), ms(1000), ms(1050)], ms(1000)),
+        4
+    );
+    assert_eq!(max_in_window(&[ms(0), ms(1000), ms(2000)], ms(1000)), 1);
+
+    let ai = MockAi::start().await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let send = |key: String, replay: bool| {
+        let mut req =
+            http::Request::post(format!("{}/v1/grading", ai.url())).header("idempotency-key", key);
+        if replay {
+            req = req.header("x-breakwater-replay", "1");
+        }
+        client.request(req.body(http_body_util::Full::default()).unwrap())
+    };
+    // A burst of 25 replays (5 keys twice: a redelivery), then 10 more a second later and
+    // 20 first attempts (no marker) that are not replays.
+    let burst: Vec<_> = (0..25)
+        .map(|i| send(format!("k{}", i % 20), true))
+        .collect();
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    tokio::time::sleep(ms(1100)).await;
+    for i in 20..30 {
+        assert_eq!(send(format!("k{i}"), true).await.unwrap().status(), 200);
+    }
+    for i in 0..20 {
+        assert_eq!(
+            send(format!("first{i}"), false).await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(ai.replays(), 35);
+    assert_eq!(ai.max_replays_per_s(), 25);
+    assert_eq!(ai.distinct_keys(), 50);
+
+    // The same figures over the control API (the mock-ai binary).
+    let resp = client
+        .request(
+            http::Request::get(format!("{}/__mock/stats", ai.url()))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let stats: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(stats["replays"], 35, "{stats}");
+    assert_eq!(stats["max_replays_per_s"], 25, "{stats}");
+    assert_eq!(stats["distinct_idempotency_keys"], 50, "{stats}");
+}

@@ -2,8 +2,10 @@
 //! and (from the resilience layers on) the operator levers. Mutating calls need the bearer
 //! token from `server.admin_token_file` when one is configured.
 
+pub mod readiness;
+
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,9 +27,9 @@ pub struct AdminState {
     pub proxy: Arc<Proxy>,
     pub reloader: Arc<Reloader>,
     pub metrics: PrometheusHandle,
-    /// Set once both listeners are bound and the first config is in force.
-    pub listeners_ready: AtomicBool,
-    /// Readiness turns off while the decision log cannot write.
+    /// Listeners bound, draining: what `/readyz` reads besides the components.
+    pub lifecycle: readiness::Lifecycle,
+    /// Degraded while the decision log cannot write (503 only in `strict` readiness).
     pub audit: Option<crate::audit::AuditHandle>,
     pub dlq: Option<crate::dlq::DlqHandle>,
     /// Which RabbitMQ node each connection is on.
@@ -203,11 +205,15 @@ async fn handle(
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => text_response(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, ["readyz"]) => readyz(state),
-        (&Method::GET, ["metrics"]) => text_response(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.metrics.render(),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            // The readiness gauges are as fresh as the scrape, probed or not.
+            readiness_report(state).publish();
+            text_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(),
+            )
+        }
         (&Method::GET, ["admin", "config"]) => {
             let snap = state.proxy.snapshot();
             json_response(
@@ -662,32 +668,37 @@ fn set_ai(
 }
 
 fn readyz(state: &AdminState) -> http::Response<ProxyBody> {
-    let mut problems = Vec::new();
-    if !state.listeners_ready.load(Ordering::Acquire) {
-        problems.push("listeners not bound yet".to_string());
+    let report = readiness_report(state);
+    report.publish();
+    json_response(report.status(), report.body())
+}
+
+/// Every degraded condition found now, judged by the mode in force (hot-reloadable).
+fn readiness_report(state: &AdminState) -> readiness::Report {
+    use readiness::Condition;
+    let mut degraded = Vec::new();
+    if state.lifecycle.draining.load(Ordering::Acquire) {
+        degraded.push((
+            Condition::Draining,
+            "shutting down: draining in-flight requests".to_string(),
+        ));
     }
     if state.audit.as_ref().is_some_and(|a| !a.is_healthy()) {
-        problems.push("the decision log cannot write (disk full or I/O error)".to_string());
+        degraded.push((
+            Condition::AuditDisk,
+            "the decision log cannot write (disk full or I/O error)".to_string(),
+        ));
     }
-    // Degraded, not unready: the fallback still answers, only the DLQ refuses new
-    // messages (`x-breakwater-dlq: rejected`). Taking the pod out of traffic would not
-    // give the spool room; an alert on `degraded` (or on the rejected counter) should.
-    let degraded: Vec<String> = state
-        .dlq
-        .as_ref()
-        .and_then(|d| d.spool_rejecting())
-        .into_iter()
-        .collect();
-    if problems.is_empty() && degraded.is_empty() {
-        json_response(StatusCode::OK, json!({"ready": true}))
-    } else if problems.is_empty() {
-        json_response(StatusCode::OK, json!({"ready": true, "degraded": degraded}))
-    } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ready": false, "problems": problems, "degraded": degraded}),
-        )
+    if let Some(dlq) = &state.dlq {
+        if let Some(why) = dlq.spool_rejecting() {
+            degraded.push((Condition::SpoolFull, why));
+        }
+        if let Some(why) = dlq.broker_unreachable() {
+            degraded.push((Condition::DlqBroker, why));
+        }
     }
+    let mode = state.proxy.snapshot().config.server.readiness;
+    readiness::Report::evaluate(mode, &state.lifecycle, degraded)
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! the checks behind `breakwater audit verify` / `audit find`, `collect` the central
 //! collection of the copies `publish` sends to RabbitMQ.
 
+pub mod changes;
+pub mod checkpoint;
 pub mod collect;
 pub mod publish;
 pub mod record;

@@ -376,6 +376,11 @@ pub struct ParsedLine {
     pub prev_hash: String,
     /// For a `records_lost` event: how many records it says were lost.
     pub records_lost: Option<u64>,
+    /// When the record was made: `ts` (events) or `ts_start` (decisions).
+    pub ts: Option<String>,
+    pub instance: Option<String>,
+    /// For a `checkpoint` event: its `detail`.
+    pub checkpoint: Option<serde_json::Value>,
 }
 
 const HASH_FIELD: &[u8] = b",\"hash\":\"";
@@ -402,16 +407,20 @@ pub fn parse_line(line: &[u8]) -> Option<ParsedLine> {
         seq: u64,
         prev_hash: String,
         event: Option<String>,
-        detail: Option<Lost>,
-    }
-    #[derive(Deserialize)]
-    struct Lost {
-        count: Option<u64>,
+        detail: Option<serde_json::Value>,
+        ts: Option<String>,
+        ts_start: Option<String>,
+        instance: Option<String>,
     }
     let chain: Chain = serde_json::from_slice(&canonical).ok()?;
-    let records_lost = match (chain.event.as_deref(), chain.detail) {
-        (Some(super::writer::RECORDS_LOST), Some(d)) => d.count,
-        _ => None,
+    let (records_lost, checkpoint) = match (chain.event.as_deref(), chain.detail) {
+        (Some(super::writer::RECORDS_LOST), Some(d)) => {
+            (d.get("count").and_then(serde_json::Value::as_u64), None)
+        }
+        (Some(super::checkpoint::CHECKPOINT), d) => {
+            (None, Some(d.unwrap_or(serde_json::Value::Null)))
+        }
+        _ => (None, None),
     };
     Some(ParsedLine {
         canonical,
@@ -419,6 +428,9 @@ pub fn parse_line(line: &[u8]) -> Option<ParsedLine> {
         seq: chain.seq,
         prev_hash: chain.prev_hash,
         records_lost,
+        ts: chain.ts.or(chain.ts_start),
+        instance: chain.instance,
+        checkpoint,
     })
 }
 

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::record::{chain_hash, parse_line};
+use super::checkpoint::{message, PublicKey};
+use super::record::{chain_hash, parse_line, ParsedLine};
 use super::writer::rotated_files;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -19,6 +20,11 @@ pub enum Problem {
     BrokenLink,
     /// Not a decision-log line at all.
     Malformed,
+    /// A checkpoint whose head or count is not the chain's, whose signature does not
+    /// verify under the public key, or that another key signed: forged or rewritten.
+    BadCheckpoint,
+    /// Checked with a public key, the log holds no checkpoint signed by it.
+    NoCheckpoint,
 }
 
 #[derive(Debug, Clone, thiserror::Error, serde::Serialize)]
@@ -43,6 +49,25 @@ pub struct VerifyReport {
     pub records_lost: u64,
     /// Sequence numbers of the `records_lost` events.
     pub loss_events: Vec<u64>,
+    /// When the first record was made.
+    pub first_ts: Option<String>,
+    /// Checkpoints found (and, with a public key, whose signatures verified).
+    pub checkpoints: u64,
+    pub last_checkpoint_seq: Option<u64>,
+    pub last_checkpoint_ts: Option<String>,
+    /// Records after the last checkpoint (every record when there is none): what no
+    /// signature vouches for. Not 0 when the log was cut, its writer crashed, or it is
+    /// still being written.
+    pub unanchored: u64,
+    /// The id of the public key the signatures were checked with, if any.
+    pub signed_by: Option<String>,
+}
+
+impl VerifyReport {
+    /// The log ends at a checkpoint: every record in it is anchored.
+    pub fn ends_at_checkpoint(&self) -> bool {
+        self.checkpoints > 0 && self.unanchored == 0
+    }
 }
 
 /// Expands directories and log paths into the chain's files, oldest first: rotated files
@@ -89,6 +114,16 @@ pub fn chain_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
 }
 
 pub fn verify_paths(paths: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
+    verify_signed(paths, None)
+}
+
+/// [`verify_paths`], and with `key` every checkpoint's signature too: a log without a
+/// checkpoint signed by `key` fails ([`Problem::NoCheckpoint`]); records after the last
+/// checkpoint are counted in [`VerifyReport::unanchored`], not failed (a live log has them).
+pub fn verify_signed(
+    paths: &[PathBuf],
+    key: Option<&PublicKey>,
+) -> Result<VerifyReport, VerifyError> {
     let files = chain_files(paths).map_err(|e| VerifyError {
         file: String::new(),
         line: 0,
@@ -98,20 +133,36 @@ pub fn verify_paths(paths: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
     })?;
     let mut report = VerifyReport {
         files: files.len(),
-        records: 0,
-        first_seq: None,
-        last_seq: None,
-        last_hash: None,
-        records_lost: 0,
-        loss_events: Vec::new(),
+        signed_by: key.map(|k| k.key_id.clone()),
+        ..Default::default()
     };
     for file in &files {
-        verify_file(file, &mut report)?;
+        verify_file(file, &mut report, key)?;
+    }
+    if key.is_some() && report.checkpoints == 0 {
+        return Err(VerifyError {
+            file: files
+                .last()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            line: 0,
+            seq: None,
+            problem: Problem::NoCheckpoint,
+            detail: format!(
+                "no checkpoint signed by key {} in {} record(s): nothing vouches for this log",
+                report.signed_by.as_deref().unwrap_or("-"),
+                report.records
+            ),
+        });
     }
     Ok(report)
 }
 
-fn verify_file(path: &Path, report: &mut VerifyReport) -> Result<(), VerifyError> {
+fn verify_file(
+    path: &Path,
+    report: &mut VerifyReport,
+    key: Option<&PublicKey>,
+) -> Result<(), VerifyError> {
     let bytes = std::fs::read(path).map_err(|e| VerifyError {
         file: path.display().to_string(),
         line: 0,
@@ -119,7 +170,7 @@ fn verify_file(path: &Path, report: &mut VerifyReport) -> Result<(), VerifyError
         problem: Problem::Malformed,
         detail: e.to_string(),
     })?;
-    verify_bytes(&path.display().to_string(), &bytes, report)
+    verify_bytes_with(&path.display().to_string(), &bytes, report, key)
 }
 
 /// Checks the lines of one file (named `file` in errors), continuing the chain in `report`.
@@ -127,6 +178,16 @@ pub(crate) fn verify_bytes(
     file: &str,
     bytes: &[u8],
     report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
+    verify_bytes_with(file, bytes, report, None)
+}
+
+/// [`verify_bytes`], checking checkpoint signatures under `key` when given.
+pub(crate) fn verify_bytes_with(
+    file: &str,
+    bytes: &[u8],
+    report: &mut VerifyReport,
+    key: Option<&PublicKey>,
 ) -> Result<(), VerifyError> {
     let fail = |line: usize, seq: Option<u64>, problem: Problem, detail: String| VerifyError {
         file: file.to_string(),
@@ -193,10 +254,68 @@ pub(crate) fn verify_bytes(
             report.records_lost = report.records_lost.saturating_add(n);
             report.loss_events.push(p.seq);
         }
-        report.first_seq.get_or_insert(p.seq);
+        if let Some(detail) = &p.checkpoint {
+            check_checkpoint(&p, detail, key)
+                .map_err(|why| fail(line_no, Some(p.seq), Problem::BadCheckpoint, why))?;
+            report.checkpoints += 1;
+            report.last_checkpoint_seq = Some(p.seq);
+            report.last_checkpoint_ts = p.ts.clone();
+            report.unanchored = 0;
+        } else {
+            report.unanchored += 1;
+        }
+        if report.first_seq.is_none() {
+            report.first_seq = Some(p.seq);
+            report.first_ts = p.ts;
+        }
         report.last_seq = Some(p.seq);
         report.last_hash = Some(p.hash);
         report.records += 1;
+    }
+    Ok(())
+}
+
+/// A checkpoint must name the record right before it (its own `prev_hash` and seq) and,
+/// under `key`, carry that key's id and its signature over [`message`].
+fn check_checkpoint(
+    p: &ParsedLine,
+    detail: &serde_json::Value,
+    key: Option<&PublicKey>,
+) -> Result<(), String> {
+    let text = |k: &str| detail.get(k).and_then(serde_json::Value::as_str);
+    let (Some(head), Some(count), Some(key_id), Some(signature)) = (
+        text("head"),
+        detail.get("count").and_then(serde_json::Value::as_u64),
+        text("key_id"),
+        text("signature"),
+    ) else {
+        return Err("a checkpoint without head, count, key_id and signature".into());
+    };
+    if head != p.prev_hash || count.checked_add(1) != Some(p.seq) {
+        return Err(format!(
+            "the checkpoint claims head {head} at seq {count}; the chain has {} at seq {}",
+            p.prev_hash,
+            p.seq.saturating_sub(1)
+        ));
+    }
+    let Some(key) = key else { return Ok(()) };
+    if key_id != key.key_id {
+        return Err(format!(
+            "signed by key {key_id}, not by the given public key {}",
+            key.key_id
+        ));
+    }
+    let msg = message(
+        p.instance.as_deref().unwrap_or_default(),
+        count,
+        head,
+        p.ts.as_deref().unwrap_or_default(),
+        key_id,
+    );
+    if !key.verifies(&msg, signature) {
+        return Err(format!(
+            "the signature does not verify under key {key_id}: forged, or the chain before it was rewritten"
+        ));
     }
     Ok(())
 }

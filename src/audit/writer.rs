@@ -43,6 +43,7 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::PollSender;
 
+use super::checkpoint::Signer;
 use super::record::{parse_line, ChainHash, Entry, EventRecord, LineCtx, SCHEMA_V};
 use crate::telemetry;
 
@@ -76,6 +77,16 @@ pub struct AuditSettings {
     pub instance: String,
     /// Where written lines are copied for central collection, if anywhere.
     pub publish: Option<super::AuditPublisher>,
+    /// Signed checkpoints, when `[audit] signing_key_file` is set.
+    pub checkpoint: Option<CheckpointSettings>,
+}
+
+/// Every `interval` (while records keep coming) and at a clean shutdown, the writer chains
+/// a checkpoint signed by `signer`: see [`super::checkpoint`].
+#[derive(Debug, Clone)]
+pub struct CheckpointSettings {
+    pub signer: Arc<Signer>,
+    pub interval: Duration,
 }
 
 /// Keyed digests (HMAC-SHA256, hex): a digest can be matched against a known input but
@@ -139,6 +150,11 @@ enum Msg {
     Flush(oneshot::Sender<()>),
     /// Records were lost: chain a `records_lost` event even if nothing else comes.
     Lost,
+    /// Chain a signed checkpoint now (`force`: shutdown), or if one is due (the ticker),
+    /// unless nothing was written since the last one. Ignored without a signing key.
+    Checkpoint {
+        force: bool,
+    },
 }
 
 /// Entries the overflow task holds for `submit_now` while the channel is full.
@@ -365,9 +381,22 @@ impl AuditHandle {
 
     /// Waits, for at most `within`, until everything submitted before this call is
     /// written and fsync'd. False when it was not.
+    #[cfg(test)]
     pub async fn flush(&self, within: Duration) -> bool {
+        self.flush_after(None, within).await
+    }
+
+    /// Hands `first` over (if any), then flushes; all within `within`.
+    async fn flush_after(&self, first: Option<Msg>, within: Duration) -> bool {
         let (tx, rx) = oneshot::channel();
-        let flushed = async { self.0.tx.send(Msg::Flush(tx)).await.is_ok() && rx.await.is_ok() };
+        let flushed = async {
+            if let Some(msg) = first {
+                if self.0.tx.send(msg).await.is_err() {
+                    return false;
+                }
+            }
+            self.0.tx.send(Msg::Flush(tx)).await.is_ok() && rx.await.is_ok()
+        };
         tokio::time::timeout(within, flushed).await.unwrap_or(false)
     }
 
@@ -375,7 +404,9 @@ impl AuditHandle {
     /// stop retrying, so that what it could not write is counted and logged as lost
     /// instead of holding the process.
     pub async fn close(&self, within: Duration) {
-        if !self.flush(within).await {
+        // The final checkpoint anchors everything written before the shutdown.
+        let last = Msg::Checkpoint { force: true };
+        if !self.flush_after(Some(last), within).await {
             self.0.counters.closing.store(true, Ordering::Relaxed);
             tracing::error!(
                 within_ms = within.as_millis() as u64,
@@ -453,11 +484,30 @@ pub fn start(
             None,
         );
     }
+    if let Some(cp) = &settings.checkpoint {
+        start_ticker(&handle.0.tx, cp.interval)?;
+    }
     let thread = std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || writer.run(rx, counters))
         .map_err(AuditError::Thread)?;
     Ok((handle, thread))
+}
+
+/// Wakes the writer every `interval` so that a quiet log still gets its checkpoint. It
+/// holds only a weak sender: it never keeps the writer alive, and ends with it.
+fn start_ticker(tx: &mpsc::Sender<Msg>, interval: Duration) -> Result<(), AuditError> {
+    let weak = tx.downgrade();
+    std::thread::Builder::new()
+        .name("audit-checkpoint".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            let Some(tx) = weak.upgrade() else { return };
+            // A full channel means a busy writer: it checks the interval itself.
+            let _ = tx.try_send(Msg::Checkpoint { force: false });
+        })
+        .map(|_| ())
+        .map_err(AuditError::Thread)
 }
 
 /// The one overflow task: forwards `submit_now` entries that met a full channel, each
@@ -486,6 +536,11 @@ struct Writer {
     /// Bytes cut from a torn tail at start, reported as an event.
     truncated: Option<u64>,
     last_retention_scan: Instant,
+    /// When the last checkpoint was written (or the writer started).
+    last_checkpoint: Instant,
+    /// The seq of the last checkpoint written by this writer: none is due until a record
+    /// follows it.
+    checkpoint_seq: Option<u64>,
 }
 
 fn today() -> String {
@@ -529,6 +584,8 @@ impl Writer {
             prev_hash,
             truncated,
             last_retention_scan: Instant::now() - Duration::from_secs(3600),
+            last_checkpoint: Instant::now(),
+            checkpoint_seq: None,
         })
     }
 
@@ -576,7 +633,11 @@ impl Writer {
         if lost > 0 {
             batch.insert(0, Msg::Entry(self.records_lost(lost, counters)));
         }
-        let entries = batch.iter().filter(|m| matches!(m, Msg::Entry(_))).count();
+        self.place_checkpoint(batch);
+        let entries = batch
+            .iter()
+            .filter(|m| matches!(m, Msg::Entry(_) | Msg::Checkpoint { .. }))
+            .count();
         if entries > 0 {
             self.write_entries(batch, buf, counters);
         }
@@ -586,6 +647,31 @@ impl Writer {
             }
         }
         entries > 0
+    }
+
+    /// Leaves at most one checkpoint in `batch`, at its end, when one is asked for or due
+    /// (the interval passed with records written since the last one).
+    fn place_checkpoint(&self, batch: &mut Vec<Msg>) {
+        let mut asked = false;
+        let mut forced = false;
+        batch.retain(|m| match m {
+            Msg::Checkpoint { force } => {
+                asked = true;
+                forced |= *force;
+                false
+            }
+            _ => true,
+        });
+        let Some(cp) = &self.settings.checkpoint else {
+            return;
+        };
+        let due = self.last_checkpoint.elapsed() >= cp.interval;
+        let records = batch.iter().any(|m| matches!(m, Msg::Entry(_)));
+        // Nothing written since the last checkpoint (or at all): no write, no fsync.
+        let anchored = self.seq == 0 || self.checkpoint_seq == Some(self.seq);
+        if (records || !anchored) && (forced || (due && (asked || records))) {
+            batch.push(Msg::Checkpoint { force: forced });
+        }
     }
 
     /// The event that puts `count` lost records into the chain.
@@ -647,12 +733,33 @@ impl Writer {
                 key_id: &self.settings.key_id,
             };
             let mut used = part.len();
+            let mut checkpoint_seq = self.checkpoint_seq;
             for (i, msg) in part.iter_mut().enumerate() {
                 if seq > self.seq && self.size + buf.len() as u64 >= self.settings.rotate_bytes {
                     used = i;
                     break;
                 }
-                let Msg::Entry(entry) = msg else { continue };
+                let mut checkpoint;
+                let entry = match msg {
+                    Msg::Entry(entry) => entry,
+                    Msg::Checkpoint { .. } => {
+                        let Some(cp) = &self.settings.checkpoint else {
+                            continue;
+                        };
+                        // Nothing new since the last one: it would anchor nothing.
+                        if checkpoint_seq == Some(seq) || seq == 0 {
+                            continue;
+                        }
+                        checkpoint = Entry::Event(Box::new(cp.signer.checkpoint(
+                            &self.settings.instance,
+                            seq,
+                            &prev,
+                        )));
+                        checkpoint_seq = Some(seq + 1);
+                        &mut checkpoint
+                    }
+                    _ => continue,
+                };
                 match entry.write_line(seq + 1, &prev, ctx, buf) {
                     Ok(hash) => {
                         seq += 1;
@@ -673,6 +780,10 @@ impl Writer {
                     let n = seq - self.seq;
                     self.seq = seq;
                     self.prev_hash = prev;
+                    if checkpoint_seq != self.checkpoint_seq {
+                        self.checkpoint_seq = checkpoint_seq;
+                        self.last_checkpoint = Instant::now();
+                    }
                     counters.written.fetch_add(n, Ordering::Relaxed);
                     metrics::counter!(telemetry::AUDIT_RECORDS).increment(n);
                     if counters.unhealthy.swap(false, Ordering::Relaxed) {
@@ -903,6 +1014,7 @@ mod tests {
             block_timeout: Duration::from_secs(1),
             instance: "test".into(),
             publish: None,
+            checkpoint: None,
         }
     }
 
@@ -990,6 +1102,45 @@ mod tests {
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await
             .unwrap();
+    }
+
+    /// A quiet log still gets its checkpoint (the ticker wakes the writer), and only one:
+    /// a checkpoint with no record after it anchors nothing new.
+    #[tokio::test]
+    async fn a_quiet_log_gets_one_checkpoint_from_the_ticker() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let pair = crate::audit::checkpoint::keygen(&keys).unwrap();
+        let signer = Signer::from_file_bytes(&std::fs::read(&pair.key_file).unwrap()).unwrap();
+        let mut s = settings(dir.path(), Duration::from_millis(1), 16);
+        s.checkpoint = Some(CheckpointSettings {
+            signer: Arc::new(signer),
+            interval: Duration::from_millis(50),
+        });
+        let (handle, thread) = start(s).unwrap();
+        for i in 0..3 {
+            handle.submit(decision(i)).await;
+        }
+        assert!(handle.flush(Duration::from_secs(20)).await);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let log = dir.path().join("decisions.jsonl");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let cps = lines.iter().filter(|l| l["event"] == "checkpoint").count();
+        assert_eq!(cps, 1, "{text}");
+        assert_eq!(lines.last().unwrap()["event"], "checkpoint", "{text}");
+        assert_eq!(lines.last().unwrap()["detail"]["count"], 3);
+        drop(handle);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        let key = crate::audit::checkpoint::PublicKey::load(&pair.pub_file).unwrap();
+        let report = crate::audit::verify::verify_signed(&[log], Some(&key)).unwrap();
+        assert!(report.ends_at_checkpoint());
+        assert_eq!(report.checkpoints, 1);
     }
 
     /// A group commit larger than `rotate_bytes` is split over files: with the writer held

@@ -81,10 +81,33 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub admin_max_connections: usize,
     pub shutdown_grace: Duration,
+    /// What `/readyz` turns 503 for (hot-reloadable: read on every probe).
+    pub readiness: ReadinessMode,
     pub admin_token: Option<AdminToken>,
     pub watch_config: bool,
     pub instance: String,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// `server.readiness`. As a sidecar, a 503 on `/readyz` takes the whole Magento pod out of
+/// its Service, so by default a degraded condition (audit disk, full spool, broker down) is
+/// reported in the body and stays 200; `strict` turns it 503 as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadinessMode {
+    /// Ready once the listeners are bound and the config is loaded; 503 only while draining.
+    #[default]
+    Traffic,
+    /// Any degraded condition is 503 too.
+    Strict,
+}
+
+impl ReadinessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadinessMode::Traffic => "traffic",
+            ReadinessMode::Strict => "strict",
+        }
+    }
 }
 
 /// The bearer token guarding mutating admin calls. Debug never prints it.
@@ -323,6 +346,8 @@ pub struct AuditConfig {
     pub fsync_max_records: usize,
     /// Copies of the written lines to a RabbitMQ exchange for central collection.
     pub publish: Option<AuditPublishConfig>,
+    /// Signed checkpoints (`signing_key_file`, `checkpoint_interval_ms`).
+    pub checkpoint: Option<crate::audit::writer::CheckpointSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -371,6 +396,30 @@ impl Config {
             }],
         })?;
         Config::from_toml(&text)
+    }
+
+    /// The routes `new` adds, removes or changes against this config, by name: what a
+    /// `config_reload` event records. Compared on their raw form, never logged.
+    pub fn routes_changed(&self, new: &Config) -> serde_json::Value {
+        let map = |c: &Config| -> BTreeMap<String, serde_json::Value> {
+            c.raw
+                .routes
+                .iter()
+                .map(|r| {
+                    let v = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
+                    (r.name.clone(), v)
+                })
+                .collect()
+        };
+        let (old, new) = (map(self), map(new));
+        let added: Vec<&String> = new.keys().filter(|k| !old.contains_key(*k)).collect();
+        let removed: Vec<&String> = old.keys().filter(|k| !new.contains_key(*k)).collect();
+        let changed: Vec<&String> = new
+            .iter()
+            .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
+            .map(|(k, _)| k)
+            .collect();
+        serde_json::json!({"added": added, "removed": removed, "changed": changed})
     }
 
     pub fn route(&self, name: &str) -> Option<&Arc<RouteConfig>> {

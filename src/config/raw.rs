@@ -61,6 +61,8 @@ pub struct RawServer {
     pub max_connections: Option<usize>,
     pub admin_max_connections: Option<usize>,
     pub shutdown_grace_ms: Option<u64>,
+    /// `traffic` (default) or `strict`: whether a degraded condition turns `/readyz` 503.
+    pub readiness: Option<String>,
     pub admin_token_file: Option<String>,
     pub watch_config: Option<bool>,
     pub instance: Option<String>,
@@ -282,6 +284,8 @@ pub struct RawAudit {
     pub publish_url: Option<UrlList>,
     pub publish_exchange: Option<String>,
     pub publish_buffer: Option<usize>,
+    pub signing_key_file: Option<String>,
+    pub checkpoint_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

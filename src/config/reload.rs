@@ -15,7 +15,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Config, ConfigErrors};
+use super::{AuditConfig, Config, ConfigErrors};
 use crate::telemetry;
 
 /// What a successful reload produced.
@@ -277,6 +277,17 @@ fn audit_keys(old: &Config, new: &Config, keys: &mut Vec<String>) {
         (None, None) => {}
         _ => keys.push("audit".into()),
     }
+    // The checkpoint key and interval are the writer's, set at start.
+    if let (Some(a), Some(b)) = (&old.audit, &new.audit) {
+        let key = |c: &AuditConfig| c.checkpoint.as_ref().map(|c| c.signer.key_id().to_string());
+        if key(a) != key(b) {
+            keys.push("audit.signing_key_file".into());
+        }
+        let interval = |c: &AuditConfig| c.checkpoint.as_ref().map(|c| c.interval);
+        if interval(a) != interval(b) {
+            keys.push("audit.checkpoint_interval_ms".into());
+        }
+    }
 }
 
 /// The replay workers and the DLQ layer are built per replayable route at start.
@@ -317,6 +328,49 @@ mod restart_only_tests {
         assert_eq!(e.errors[0].path, "dlq.spool_dir");
         let e = refuse_restart_only(&config("a", true), &config("a", false)).unwrap_err();
         assert_eq!(e.errors[0].path, "routes.r.replayable");
+    }
+
+    /// `[audit]` with a signing key (from `audit keygen`) and `extra` keys.
+    fn signed(dir: &std::path::Path, extra: &str) -> Result<Config, ConfigErrors> {
+        let hmac = dir.join("hmac.key");
+        std::fs::write(&hmac, "ab".repeat(32)).unwrap();
+        let keys = dir.join("keys");
+        if !keys.join("signing.key").exists() {
+            crate::audit::checkpoint::keygen(&keys).unwrap();
+        }
+        Config::from_toml(&format!(
+            "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n\
+             [upstreams.a]\nurl=\"http://127.0.0.1:1\"\n\
+             [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\n\
+             [audit]\npath=\"{}\"\nhmac_key_file=\"{}\"\n{extra}\n",
+            dir.join("d.jsonl").display(),
+            hmac.display()
+        ))
+    }
+
+    #[test]
+    fn checkpoint_keys_are_validated_and_read_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("keys/signing.key");
+        let e = signed(dir.path(), "checkpoint_interval_ms = 1000").unwrap_err();
+        assert_eq!(e.errors[0].path, "audit.checkpoint_interval_ms");
+        let with_key = format!("signing_key_file = \"{}\"", key.display());
+        let a = signed(dir.path(), &with_key).unwrap();
+        let cp = a.audit.as_ref().unwrap().checkpoint.as_ref().unwrap();
+        assert_eq!(cp.interval, std::time::Duration::from_secs(60));
+        let b = signed(
+            dir.path(),
+            &format!("{with_key}\ncheckpoint_interval_ms = 1000"),
+        )
+        .unwrap();
+        let e = refuse_restart_only(&a, &b).unwrap_err();
+        assert_eq!(e.errors[0].path, "audit.checkpoint_interval_ms");
+        let plain = signed(dir.path(), "").unwrap();
+        let e = refuse_restart_only(&plain, &a).unwrap_err();
+        assert_eq!(e.errors[0].path, "audit.signing_key_file");
+        std::fs::write(&key, "not hex").unwrap();
+        let e = signed(dir.path(), &with_key).unwrap_err();
+        assert_eq!(e.errors[0].path, "audit.signing_key_file");
     }
 
     #[test]

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use super::raw::*;
 use super::*;
 use crate::access_log::{AccessLogConfig, Target};
+use crate::audit::checkpoint::Signer;
+use crate::audit::writer::CheckpointSettings;
 
 const MIB: u64 = 1024 * 1024;
 /// Loopback: the admin API is not reachable from the network unless the config says so.
@@ -185,6 +187,7 @@ fn unreachable_server() -> ServerConfig {
         max_connections: 4096,
         admin_max_connections: 64,
         shutdown_grace: Duration::from_secs(15),
+        readiness: ReadinessMode::Traffic,
         admin_token: None,
         watch_config: true,
         instance: "breakwater".into(),
@@ -271,6 +274,17 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         "must be at least 1",
     );
     let shutdown_grace = ms(s.shutdown_grace_ms, 15_000);
+    let readiness = match s.readiness.as_deref().unwrap_or("traffic") {
+        "traffic" => ReadinessMode::Traffic,
+        "strict" => ReadinessMode::Strict,
+        other => {
+            e.add(
+                "server.readiness",
+                format!("expected \"traffic\" or \"strict\", got {other:?}"),
+            );
+            ReadinessMode::Traffic
+        }
+    };
     let admin_token = s.admin_token_file.as_ref().and_then(|f| {
         let bytes = read_file(e, f, "server.admin_token_file")?;
         let token = String::from_utf8_lossy(&bytes).trim().to_string();
@@ -301,6 +315,7 @@ fn validate_server(e: &mut Errors, s: &RawServer) -> Option<ServerConfig> {
         max_connections,
         admin_max_connections,
         shutdown_grace,
+        readiness,
         admin_token,
         watch_config: s.watch_config.unwrap_or(true),
         instance,
@@ -1171,6 +1186,33 @@ fn validate_audit(e: &mut Errors, a: &RawAudit) -> Option<AuditConfig> {
         fsync_interval: positive_ms(e, a.fsync_interval_ms, 10, "audit.fsync_interval_ms"),
         fsync_max_records: a.fsync_max_records.unwrap_or(256).max(1),
         publish: validate_audit_publish(e, a),
+        checkpoint: validate_checkpoint(e, a),
+    })
+}
+
+/// Checkpoints every `checkpoint_interval_ms` (60 s by default) once a key is set.
+fn validate_checkpoint(e: &mut Errors, a: &RawAudit) -> Option<CheckpointSettings> {
+    let Some(file) = &a.signing_key_file else {
+        e.check(
+            a.checkpoint_interval_ms.is_none(),
+            "audit.checkpoint_interval_ms",
+            "needs audit.signing_key_file",
+        );
+        return None;
+    };
+    let interval = positive_ms(
+        e,
+        a.checkpoint_interval_ms,
+        60_000,
+        "audit.checkpoint_interval_ms",
+    );
+    let bytes = read_file(e, file, "audit.signing_key_file")?;
+    let signer = Signer::from_file_bytes(&bytes)
+        .map_err(|m| e.add("audit.signing_key_file", m))
+        .ok()?;
+    Some(CheckpointSettings {
+        signer: Arc::new(signer),
+        interval,
     })
 }
 

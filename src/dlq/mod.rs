@@ -121,6 +121,9 @@ struct Inner {
     writer: SpoolWriter,
     routes: Mutex<HashMap<String, Arc<RouteCounters>>>,
     publisher_connected: AtomicBool,
+    /// The last connection attempt found no node (set on failure, cleared on success;
+    /// false before the first attempt, which waits for the first message).
+    broker_unreachable: AtomicBool,
     publisher_blocked: AtomicBool,
     started: std::time::Instant,
     pacers: Mutex<HashMap<String, Pacer>>,
@@ -159,6 +162,14 @@ impl DlqHandle {
     /// Why the spool rejects new messages, while it does (readiness: degraded).
     pub fn spool_rejecting(&self) -> Option<String> {
         self.inner.writer.state.rejecting()
+    }
+
+    /// Why the broker counts as unreachable, while it does (readiness: degraded). Spool-only
+    /// mode (no `amqp_url`) never is.
+    pub fn broker_unreachable(&self) -> Option<String> {
+        (self.inner.settings.amqp_url.is_some()
+            && self.inner.broker_unreachable.load(Ordering::Relaxed))
+        .then(|| "RabbitMQ is unreachable: DLQ messages stay in the local spool".to_string())
     }
 
     /// Spools the message; returns once it is fsync'd (`spooled`), or confirmed by
@@ -379,6 +390,7 @@ pub fn start(
         writer,
         routes: Mutex::new(HashMap::new()),
         publisher_connected: AtomicBool::new(false),
+        broker_unreachable: AtomicBool::new(false),
         publisher_blocked: AtomicBool::new(false),
         started: std::time::Instant::now(),
         pacers: Mutex::new(HashMap::new()),
@@ -523,12 +535,14 @@ async fn publish_batch(
         connector.lost();
         match Link::connect(connector, &inner.settings.topology()).await {
             Ok(l) => {
+                inner.broker_unreachable.store(false, Ordering::Relaxed);
                 let node = connector.current().unwrap_or(0);
                 tracing::info!(node, url = %connector.endpoints().masked(node), "DLQ publisher connected to RabbitMQ");
                 *link = Some(l);
                 *attempt = 0;
             }
             Err(e) => {
+                inner.broker_unreachable.store(true, Ordering::Relaxed);
                 *attempt += 1;
                 tracing::warn!(error = %e, attempt = *attempt, "RabbitMQ unreachable; DLQ messages stay in the spool");
                 return 0;
@@ -597,9 +611,13 @@ async fn publish_batch(
     done
 }
 
+/// The most a pacer catches up after a late wake-up or an idle spell.
+const PACER_CATCH_UP: Duration = Duration::from_millis(50);
+
 /// Paces replays to `rate` per second: a schedule, not a sleep per message (timers have
-/// millisecond granularity, which would cap the rate near 1000/s). Never bursts more than
-/// a tenth of a second's worth after an idle spell.
+/// millisecond granularity, which would cap the rate near 1000/s). A late wake-up is made
+/// up for, but never more than a twentieth of a second's worth: any one-second window holds
+/// at most 5% over the pace, inside the fleet's +10% promise with room for timer jitter.
 pub struct Pacer {
     interval: Duration,
     next: tokio::time::Instant,
@@ -615,7 +633,7 @@ impl Pacer {
 
     pub async fn wait(&mut self) {
         let now = tokio::time::Instant::now();
-        let floor = now.checked_sub(Duration::from_millis(100)).unwrap_or(now);
+        let floor = now.checked_sub(PACER_CATCH_UP).unwrap_or(now);
         self.next = self.next.max(floor) + self.interval;
         if self.next > now {
             tokio::time::sleep_until(self.next).await;
@@ -974,4 +992,31 @@ async fn park(
         tracing::error!(route, msg_id, reason, "DLQ message parked");
     }
     ok
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+
+    /// After an idle spell, the replays let through in any one second stay within 5% of the
+    /// pace (a fleet's takeover adds a second consumer's catch-up on top: +10% in all).
+    #[tokio::test(start_paused = true)]
+    async fn after_an_idle_spell_one_second_holds_at_most_five_percent_over_the_pace() {
+        let mut pacer = Pacer::new(100);
+        pacer.wait().await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let start = tokio::time::Instant::now();
+        let mut in_first_second = 0;
+        loop {
+            pacer.wait().await;
+            if start.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            in_first_second += 1;
+        }
+        assert!(
+            (100..=105).contains(&in_first_second),
+            "{in_first_second} replays in the first second at a pace of 100/s"
+        );
+    }
 }

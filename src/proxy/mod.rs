@@ -683,7 +683,9 @@ pub fn build_stack(
         state.canary.clone(),
         state.breaker.clone(),
         shared.inventory.clone(),
-        shared.events(),
+        shared
+            .events()
+            .map(|e| crate::events::InConfig::wrap(e, &config.hash)),
         baseline,
         upstream.name.clone(),
         variants,

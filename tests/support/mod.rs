@@ -224,6 +224,12 @@ impl TestProxy {
         String::from_utf8(self.admin_get("/metrics").await.unwrap().body.to_vec()).unwrap()
     }
 
+    /// Starts the shutdown (as SIGTERM does) and returns at once, so a test can probe the
+    /// admin API while in-flight requests drain.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
