@@ -435,7 +435,8 @@ async fn close_audit(audit: &Audit, grace_ends: tokio::time::Instant) {
 }
 
 /// Breakers move from open to half-open by the clock, not by an event: refresh their
-/// gauges every second, and count the seconds each route spends degraded.
+/// gauges every second, and count the seconds each route spends degraded (breaker open or
+/// forced open, AI disabled, or its last answer refused as unapproved).
 async fn route_gauges(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -453,11 +454,65 @@ async fn route_gauges(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                     crate::breaker::BreakerState::Open | crate::breaker::BreakerState::ForcedOpen
                 )
             });
-            if breaker_down || !state.ai.enabled() {
+            // Answers refused as unapproved leave the route on its fallbacks too.
+            let degraded = breaker_down || !state.ai.enabled() || state.unapproved.get();
+            if degraded {
                 metrics::counter!(telemetry::DEGRADED_SECONDS, "route" => name.clone())
                     .increment(1);
             }
+            let route = snapshot.config.route(name);
+            track_rto(&proxy, name, route.map(|r| &**r), state, degraded, now);
         }
+    }
+}
+
+/// One tick of a route's degraded episode: the gauge, and exactly one `rto_exceeded` event
+/// and error log per episode that outlasts `rto_s`.
+fn track_rto(
+    proxy: &Proxy,
+    name: &str,
+    route: Option<&crate::config::RouteConfig>,
+    state: &crate::proxy::RouteState,
+    degraded: bool,
+    now: tokio::time::Instant,
+) {
+    use crate::rto::Step;
+    let rto = route.and_then(|r| r.rto);
+    let step = state.episode.observe(degraded, rto, now);
+    let lasted = match step {
+        Step::Healthy | Step::Recovered { .. } => 0.0,
+        Step::Degraded(d) | Step::Exceeded(d) => d.as_secs_f64(),
+    };
+    metrics::gauge!(telemetry::DEGRADED_EPISODE_SECONDS, "route" => name.to_string()).set(lasted);
+    match step {
+        Step::Exceeded(d) => {
+            let rto_s = rto.map(|r| r.as_secs()).unwrap_or_default();
+            let criticality = route.map(|r| r.criticality.as_str()).unwrap_or("medium");
+            tracing::error!(route = %name, degraded_s = d.as_secs(), rto_s, criticality, "route degraded for longer than its RTO");
+            if let Some(events) = proxy.shared.events() {
+                events.emit(
+                    "rto_exceeded",
+                    serde_json::json!({
+                        "route": name,
+                        "criticality": criticality,
+                        "rto_s": rto_s,
+                        "degraded_s": d.as_secs(),
+                        "breaker_state": state.breaker.as_ref().map(|b| b.state(now).as_str()),
+                        "ai_enabled": state.ai.enabled(),
+                        "unapproved": state.unapproved.get(),
+                        "config_hash": proxy.snapshot().config.hash,
+                    }),
+                    None,
+                );
+            }
+        }
+        Step::Recovered {
+            lasted,
+            exceeded: true,
+        } => {
+            tracing::warn!(route = %name, degraded_s = lasted.as_secs(), "route recovered after exceeding its RTO");
+        }
+        _ => {}
     }
 }
 

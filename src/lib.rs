@@ -5,6 +5,8 @@
 //! - `audit`: tamper-evident decision log.
 //! - `dlq`: local write-ahead spool, RabbitMQ publisher and replay.
 //! - `window`: the one bucketed time window the breaker, retry budget and canary share.
+//! - `layers::comply`: approved model versions and response schemas, above the AI call.
+//! - `rto`: degraded episodes against each route's `rto_s` (off the request path).
 #![forbid(unsafe_code)]
 
 pub(crate) mod access_log;
@@ -26,6 +28,7 @@ pub(crate) mod layers;
 pub(crate) mod otel;
 pub(crate) mod private_fs;
 pub(crate) mod proxy;
+pub(crate) mod rto;
 pub(crate) mod server;
 pub(crate) mod telemetry;
 pub(crate) mod upstream;

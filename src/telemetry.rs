@@ -35,6 +35,10 @@ pub const MODEL_VERSION_REQUESTS: &str = "breakwater_model_version_requests_tota
 pub const MODEL_VERSION_DURATION: &str = "breakwater_model_version_duration_seconds";
 pub const MODEL_VERSION_ERRORS: &str = "breakwater_model_version_errors_total";
 pub const DEGRADED_SECONDS: &str = "breakwater_degraded_seconds_total";
+pub const DEGRADED_EPISODE_SECONDS: &str = "breakwater_degraded_episode_seconds";
+pub const RTO_SECONDS: &str = "breakwater_rto_seconds";
+pub const UNAPPROVED_VERSION_TOTAL: &str = "breakwater_unapproved_version_total";
+pub const SCHEMA_VIOLATIONS_TOTAL: &str = "breakwater_schema_violations_total";
 pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
 pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
@@ -206,7 +210,25 @@ fn describe() {
     );
     describe_counter!(
         DEGRADED_SECONDS,
-        "Seconds a route spent degraded (breaker open or AI disabled)"
+        "Seconds a route spent degraded (breaker open, AI disabled or answers unapproved)"
+    );
+    describe_gauge!(
+        DEGRADED_EPISODE_SECONDS,
+        Unit::Seconds,
+        "How long the route's current degraded episode has lasted (0 while healthy)"
+    );
+    describe_gauge!(
+        RTO_SECONDS,
+        Unit::Seconds,
+        "The route's rto_s: longest tolerable degraded episode"
+    );
+    describe_counter!(
+        UNAPPROVED_VERSION_TOTAL,
+        "AI answers from a model version outside the route's approved_versions"
+    );
+    describe_counter!(
+        SCHEMA_VIOLATIONS_TOTAL,
+        "AI answers that did not match the route's response_schema"
     );
 }
 
@@ -231,6 +253,13 @@ pub fn register_series(config: &crate::config::Config) {
     for route in &config.routes {
         let name = route.name.to_string();
         metrics::counter!(DEGRADED_SECONDS, "route" => name.clone()).increment(0);
+        metrics::gauge!(DEGRADED_EPISODE_SECONDS, "route" => name.clone()).increment(0.0);
+        if let Some(rto) = route.rto {
+            metrics::gauge!(RTO_SECONDS, "route" => name.clone()).set(rto.as_secs_f64());
+        }
+        if route.response_schema.is_some() {
+            metrics::counter!(SCHEMA_VIOLATIONS_TOTAL, "route" => name.clone()).increment(0);
+        }
         for v in &route.variants {
             metrics::counter!(CANARY_ROLLBACKS, "route" => name.clone(), "variant" => v.name.clone())
                 .increment(0);

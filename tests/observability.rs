@@ -119,6 +119,8 @@ fn exposed(metrics: &str) -> BTreeSet<String> {
 }
 
 fn config(base: &MockAi, canary: &MockAi, tiny: &MockAi, dir: &Path, route: &str) -> String {
+    let schema = dir.join("tiny-schema.json");
+    std::fs::write(&schema, r#"{"type": "object"}"#).unwrap();
     let key = dir.join("audit.key");
     std::fs::write(
         &key,
@@ -138,6 +140,8 @@ fn config(base: &MockAi, canary: &MockAi, tiny: &MockAi, dir: &Path, route: &str
          [[routes.variants]]\nname = \"v2\"\nupstream = \"ai-v2\"\nweight = 50\nsticky_header = \"x-student-id\"\n\
          [routes.canary]\nmin_requests = 3\nwindow_ms = 60000\n\n\
          [[routes]]\nname = \"tiny\"\npath_prefix = \"/v1/tiny\"\nupstream = \"tiny\"\ntimeout_ms = 2000\n\
+         model_version_header = \"x-model-version\"\napproved_versions = [\"tiny-approved\"]\non_unapproved = \"flag\"\n\
+         response_schema = \"{schema}\"\nrto_s = 3600\n\
          [[routes.fallback]]\nkind = \"static\"\nbody = '{{\"source\":\"static\"}}'\n\n\
          [dlq]\namqp_url = \"{amqp}\"\nspool_dir = \"{spool}\"\nresults_exchange = \"test.results.{route}\"\n\
          replay_rate_per_s = 200\n\n\
@@ -151,6 +155,7 @@ fn config(base: &MockAi, canary: &MockAi, tiny: &MockAi, dir: &Path, route: &str
         spool = dir.join("spool").display(),
         audit = dir.join("audit/decisions.jsonl").display(),
         key = key.display(),
+        schema = schema.display(),
     )
 }
 
@@ -207,6 +212,8 @@ async fn after_a_scenario_metrics_pass_promtool_and_cover_the_dashboard_and_the_
     assert_eq!(shed.header("x-breakwater-reason"), Some("overloaded"));
     tiny.hang(false);
     let _ = hung.await;
+    // The tiny AI reports a version nobody approved: flagged, counted, passed.
+    assert_eq!(proxy.get("/v1/tiny").await.outcome(), "ai");
 
     // The AI goes down: fallbacks, the breaker opens, the DLQ takes the requests.
     base.set_error_rate(1.0, 503);

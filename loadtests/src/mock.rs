@@ -62,6 +62,8 @@ pub struct Faults {
     /// Answer 200 with headers and part of the body, then reset the connection.
     pub reset_mid_body: Option<bool>,
     pub model_version: Option<String>,
+    /// Reported as `x-model-digest` on every answer when set (empty: not reported).
+    pub model_digest: Option<String>,
     /// Close the port for this many seconds (connections refused), then reopen it.
     pub outage_s: Option<f64>,
 }
@@ -84,6 +86,7 @@ struct Settings {
     reset: bool,
     reset_mid_body: bool,
     model_version: String,
+    model_digest: String,
 }
 
 struct State {
@@ -236,6 +239,11 @@ impl MockAi {
 
     pub fn set_model_version(&self, v: &str) {
         self.with(|s| s.model_version = v.to_string());
+    }
+
+    /// Reports `x-model-digest: D` on every answer ("" stops it).
+    pub fn set_model_digest(&self, d: &str) {
+        self.with(|s| s.model_digest = d.to_string());
     }
 
     /// Clears every fault (the model version stays).
@@ -407,6 +415,9 @@ fn apply_faults(state: &State, f: &Faults) {
     if let Some(v) = &f.model_version {
         s.model_version = v.clone();
     }
+    if let Some(d) = &f.model_digest {
+        s.model_digest = d.clone();
+    }
 }
 
 pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
@@ -554,7 +565,7 @@ async fn handle(
         });
     }
 
-    let (delay, fail, hang, reset, mid_body, version) = {
+    let (delay, fail, hang, reset, mid_body, version, digest) = {
         let Ok(mut s) = state.settings.lock() else {
             return Ok(full(500, "text/plain", "mock state poisoned"));
         };
@@ -577,6 +588,7 @@ async fn handle(
             s.reset,
             s.reset_mid_body,
             s.model_version.clone(),
+            s.model_digest.clone(),
         )
     };
     if reset {
@@ -606,6 +618,11 @@ async fn handle(
     };
     if let Ok(v) = http::HeaderValue::from_str(&version) {
         resp.headers_mut().insert("x-model-version", v);
+    }
+    if !digest.is_empty() {
+        if let Ok(v) = http::HeaderValue::from_str(&digest) {
+            resp.headers_mut().insert("x-model-digest", v);
+        }
     }
     Ok(resp)
 }

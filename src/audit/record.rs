@@ -57,6 +57,10 @@ pub struct DecisionRecord {
     /// W3C trace id, only when the request carried or started a trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// The AI answered from an unapproved model version and the answer passed
+    /// (`on_unapproved = "flag"`); only written when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unapproved: bool,
     pub prev_hash: String,
 }
 
@@ -93,6 +97,10 @@ pub struct Decision {
     /// W3C trace id (32 hex digits); the key is left out when there is none, so records
     /// of untraced requests keep their bytes.
     pub trace_id: Option<String>,
+    /// An unapproved model version answered and the answer passed (`on_unapproved =
+    /// "flag"`). Written as `"unapproved":true` only when set, so other records keep their
+    /// bytes.
+    pub unapproved: bool,
 }
 
 impl Decision {
@@ -124,6 +132,7 @@ impl Decision {
             dlq: None,
             dlq_msg_id: None,
             trace_id: None,
+            unapproved: false,
         }
     }
 }
@@ -210,6 +219,9 @@ fn encode_decision(
     if let Some(t) = &d.trace_id {
         out.extend_from_slice(b",\"trace_id\":");
         text(out, t)?;
+    }
+    if d.unapproved {
+        out.extend_from_slice(b",\"unapproved\":true");
     }
     out.extend_from_slice(b",\"prev_hash\":\"");
     out.extend_from_slice(&prev_hash.0);
@@ -486,6 +498,7 @@ mod tests {
             dlq: d.dlq.map(str::to_string),
             dlq_msg_id: d.dlq_msg_id.clone(),
             trace_id: d.trace_id.clone(),
+            unapproved: d.unapproved,
             prev_hash: prev.into(),
         }
     }
@@ -505,6 +518,10 @@ mod tests {
             Decision::new("r".into(), "id".into(), "ai"),
             Decision {
                 trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+                ..full_decision()
+            },
+            Decision {
+                unapproved: true,
                 ..full_decision()
             },
         ];

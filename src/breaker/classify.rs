@@ -8,6 +8,12 @@ pub enum FailureKind {
     Timeout,
     Upstream5xx,
     TooManyRequests,
+    /// A healthy answer from a model version that may not answer: a failure for the
+    /// canary (a variant serving it is rolled back), not for the breaker or the bulkhead.
+    Unapproved,
+    /// An answer that does not match `response_schema`: a failure for the breaker and the
+    /// canary, not for the adaptive concurrency limit (it says nothing about capacity).
+    InvalidResponse,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +27,24 @@ pub enum CallOutcome {
 impl CallOutcome {
     pub fn is_failure(self) -> bool {
         matches!(self, CallOutcome::Failure(_))
+    }
+
+    /// How the call counts for a circuit breaker: `None` when it says nothing about the
+    /// AI's health (an unapproved version answers fine, it just may not answer).
+    pub fn for_breaker(self) -> Option<CallOutcome> {
+        match self {
+            CallOutcome::Failure(FailureKind::Unapproved) => None,
+            other => Some(other),
+        }
+    }
+
+    /// How the call counts for the adaptive concurrency limit: `None` for answers that
+    /// arrived in time but were refused on their content.
+    pub fn for_limit(self) -> Option<CallOutcome> {
+        match self {
+            CallOutcome::Failure(FailureKind::Unapproved | FailureKind::InvalidResponse) => None,
+            other => Some(other),
+        }
     }
 }
 

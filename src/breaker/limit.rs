@@ -55,8 +55,20 @@ impl ConcurrencyLimiter {
     }
 
     /// Never waits: over the limit the caller sheds the request.
+    #[cfg(test)]
     pub fn try_acquire(self: &Arc<Self>) -> Option<LimitPermit> {
-        let limit = self.limit.load(Ordering::Relaxed);
+        self.try_acquire_share(1.0)
+    }
+
+    /// Like `try_acquire`, but only while fewer than `share` of the limit (at least one
+    /// slot) are in flight: what is left is headroom for callers with a larger share.
+    pub fn try_acquire_share(self: &Arc<Self>, share: f64) -> Option<LimitPermit> {
+        let full = self.limit.load(Ordering::Relaxed);
+        let limit = if share >= 1.0 {
+            full
+        } else {
+            ((full as f64 * share).floor() as u32).clamp(1, full)
+        };
         let mut current = self.in_flight.load(Ordering::Relaxed);
         loop {
             if current >= limit {
@@ -139,6 +151,31 @@ mod tests {
             max: 8,
             adaptive,
         }))
+    }
+
+    #[test]
+    fn a_smaller_share_is_shed_first_and_keeps_headroom_for_larger_ones() {
+        let l = Arc::new(ConcurrencyLimiter::new(LimitSettings {
+            initial: 10,
+            min: 1,
+            max: 10,
+            adaptive: false,
+        }));
+        let low: Vec<_> = (0..5).map(|_| l.try_acquire_share(0.5).unwrap()).collect();
+        assert!(l.try_acquire_share(0.5).is_none(), "low may use half");
+        let medium: Vec<_> = (0..3).map(|_| l.try_acquire_share(0.8).unwrap()).collect();
+        assert!(l.try_acquire_share(0.8).is_none());
+        let high: Vec<_> = (0..2).map(|_| l.try_acquire_share(1.0).unwrap()).collect();
+        assert!(l.try_acquire().is_none());
+        drop((low, medium, high));
+        // A tiny limit still lets every share through one at a time.
+        let one = Arc::new(ConcurrencyLimiter::new(LimitSettings {
+            initial: 1,
+            min: 1,
+            max: 1,
+            adaptive: false,
+        }));
+        assert!(one.try_acquire_share(0.5).is_some());
     }
 
     #[test]

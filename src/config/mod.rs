@@ -163,6 +163,98 @@ pub struct RouteConfig {
     pub fallback: Vec<FallbackConfig>,
     pub variants: Vec<VariantConfig>,
     pub canary: Option<CanaryConfig>,
+    /// Orders load shedding and is shown in the inventory.
+    pub criticality: Criticality,
+    /// Longest tolerable time degraded before an `rto_exceeded` event.
+    pub rto: Option<Duration>,
+    /// `approved_versions`: only these model versions may answer.
+    pub approval: Option<Arc<Approval>>,
+    /// `response_schema`, compiled once per config generation.
+    pub response_schema: Option<Arc<ResponseSchema>>,
+}
+
+/// How much a route matters; under overload the less critical routes are shed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Criticality {
+    Low,
+    Medium,
+    High,
+}
+
+impl Criticality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Criticality::Low => "low",
+            Criticality::Medium => "medium",
+            Criticality::High => "high",
+        }
+    }
+
+    /// The share of an upstream's concurrency limit a route of this criticality may fill
+    /// when a more critical route calls the same upstream: the rest is headroom for it.
+    pub fn limit_share(self) -> f64 {
+        match self {
+            Criticality::Low => 0.5,
+            Criticality::Medium => 0.8,
+            Criticality::High => 1.0,
+        }
+    }
+}
+
+/// What an answer from a model version outside `approved_versions` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnapproved {
+    /// Discarded; the fallback chain answers with reason `unapproved_version`.
+    Fallback,
+    /// Passes, marked `"unapproved": true` in the decision record.
+    Flag,
+}
+
+impl OnUnapproved {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnUnapproved::Fallback => "fallback",
+            OnUnapproved::Flag => "flag",
+        }
+    }
+}
+
+/// The model versions cleared for a route, each optionally pinned to an artifact digest.
+#[derive(Debug, Clone)]
+pub struct Approval {
+    /// version -> the digest it must report, if pinned.
+    pub versions: std::collections::HashMap<String, Option<String>>,
+    pub on_unapproved: OnUnapproved,
+    pub digest_header: http::HeaderName,
+    /// JSON pointer to the digest in the answer, read when the header is absent.
+    pub digest_pointer: Option<String>,
+}
+
+impl Approval {
+    /// True when `version` (with the `digest` the AI reported) is cleared. An answer that
+    /// reports no version is not.
+    pub fn approves(&self, version: Option<&str>, digest: Option<&str>) -> bool {
+        match version.and_then(|v| self.versions.get(v)) {
+            None => false,
+            Some(None) => true,
+            Some(Some(pinned)) => digest == Some(pinned.as_str()),
+        }
+    }
+}
+
+/// A compiled `response_schema`.
+pub struct ResponseSchema {
+    /// The file it was read from, for messages.
+    pub file: String,
+    pub validator: jsonschema::Validator,
+}
+
+impl fmt::Debug for ResponseSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseSchema")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -175,6 +175,31 @@ pub struct RawRoute {
     #[serde(default)]
     pub variants: Vec<RawVariant>,
     pub canary: Option<RawCanary>,
+    /// high | medium | low (default medium).
+    pub criticality: Option<String>,
+    pub rto_s: Option<u64>,
+    pub approved_versions: Option<Vec<RawApproved>>,
+    /// fallback | flag (default fallback).
+    pub on_unapproved: Option<String>,
+    pub model_digest_header: Option<String>,
+    pub model_digest_pointer: Option<String>,
+    pub response_schema: Option<String>,
+}
+
+/// One entry of `approved_versions`: a version string, or a version pinned to the
+/// artifact digest the AI reports.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawApproved {
+    Version(String),
+    Pinned(RawPinned),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPinned {
+    pub version: String,
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -726,6 +726,30 @@ fn validate_route(
         }
     });
 
+    let criticality = match r.criticality.as_deref() {
+        None | Some("medium") => Criticality::Medium,
+        Some("high") => Criticality::High,
+        Some("low") => Criticality::Low,
+        Some(other) => {
+            e.add(
+                format!("{p}.criticality"),
+                format!("must be high, medium or low, not {other:?}"),
+            );
+            Criticality::Medium
+        }
+    };
+    let rto = r.rto_s.map(Duration::from_secs);
+    e.check(
+        rto.is_none_or(|d| !d.is_zero()),
+        format!("{p}.rto_s"),
+        "must be greater than 0",
+    );
+    let approval = validate_approval(e, p, r, model_version_header.is_some());
+    let response_schema = r
+        .response_schema
+        .as_ref()
+        .and_then(|file| compile_schema(e, file, &format!("{p}.response_schema")));
+
     if e.0.len() != before {
         return None;
     }
@@ -745,7 +769,129 @@ fn validate_route(
         fallback,
         variants,
         canary,
+        criticality,
+        rto,
+        approval: approval.map(Arc::new),
+        response_schema: response_schema.map(Arc::new),
     })
+}
+
+/// `approved_versions`, `on_unapproved` and `model_digest_header`.
+fn validate_approval(
+    e: &mut Errors,
+    p: &str,
+    r: &RawRoute,
+    has_version_header: bool,
+) -> Option<Approval> {
+    let Some(list) = &r.approved_versions else {
+        for (key, set) in [
+            ("on_unapproved", r.on_unapproved.is_some()),
+            ("model_digest_header", r.model_digest_header.is_some()),
+            ("model_digest_pointer", r.model_digest_pointer.is_some()),
+        ] {
+            e.check(
+                !set,
+                format!("{p}.{key}"),
+                "only means something with approved_versions",
+            );
+        }
+        return None;
+    };
+    e.check(
+        !list.is_empty(),
+        format!("{p}.approved_versions"),
+        "must list at least one version (remove the key to approve every version)",
+    );
+    e.check(
+        has_version_header || r.model_version_pointer.is_some(),
+        format!("{p}.approved_versions"),
+        "needs model_version_header or model_version_pointer: how else is the version known",
+    );
+    let mut versions = std::collections::HashMap::new();
+    for (j, entry) in list.iter().enumerate() {
+        let (version, digest) = match entry {
+            RawApproved::Version(v) => (v.clone(), None),
+            RawApproved::Pinned(pin) => {
+                e.check(
+                    !pin.digest.is_empty(),
+                    format!("{p}.approved_versions[{j}].digest"),
+                    "must not be empty",
+                );
+                (pin.version.clone(), Some(pin.digest.clone()))
+            }
+        };
+        e.check(
+            !version.is_empty(),
+            format!("{p}.approved_versions[{j}]"),
+            "a version must not be empty",
+        );
+        if versions.insert(version.clone(), digest).is_some() {
+            e.add(
+                format!("{p}.approved_versions[{j}]"),
+                format!("{version:?} is listed twice"),
+            );
+        }
+    }
+    let on_unapproved = match r.on_unapproved.as_deref() {
+        None | Some("fallback") => OnUnapproved::Fallback,
+        Some("flag") => OnUnapproved::Flag,
+        Some(other) => {
+            e.add(
+                format!("{p}.on_unapproved"),
+                format!("must be fallback or flag, not {other:?}"),
+            );
+            OnUnapproved::Fallback
+        }
+    };
+    let digest_header = match &r.model_digest_header {
+        None => http::HeaderName::from_static("x-model-digest"),
+        Some(h) => match http::HeaderName::from_str(h) {
+            Ok(h) => h,
+            Err(_) => {
+                e.add(
+                    format!("{p}.model_digest_header"),
+                    "not a valid header name",
+                );
+                http::HeaderName::from_static("x-model-digest")
+            }
+        },
+    };
+    if let Some(ptr) = &r.model_digest_pointer {
+        e.check(
+            ptr.starts_with('/'),
+            format!("{p}.model_digest_pointer"),
+            "a JSON pointer must start with '/' (RFC 6901), e.g. \"/model/digest\"",
+        );
+    }
+    Some(Approval {
+        versions,
+        on_unapproved,
+        digest_header,
+        digest_pointer: r.model_digest_pointer.clone(),
+    })
+}
+
+/// Reads and compiles a JSON Schema file. References are resolved only inside the file:
+/// breakwater never fetches a schema from the network or elsewhere on disk.
+fn compile_schema(e: &mut Errors, file: &str, path: &str) -> Option<ResponseSchema> {
+    let bytes = read_file(e, file, path)?;
+    let schema: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(err) => {
+            e.add(path, format!("{file} is not JSON: {err}"));
+            return None;
+        }
+    };
+    match jsonschema::validator_for(&schema) {
+        Ok(validator) => Some(ResponseSchema {
+            file: file.to_string(),
+            validator,
+        }),
+        Err(err) => {
+            e.add(path, format!("{file} is not a valid JSON Schema: {err}"));
+            None
+        }
+    }
 }
 
 /// The headers a cached answer varies on: as configured, or by default the credentials

@@ -72,6 +72,8 @@ pub struct ReplayAnswer {
     pub body: Bytes,
     pub model_version: Option<String>,
     pub upstream: String,
+    /// Delivered although its model version is not approved (`on_unapproved = "flag"`).
+    pub unapproved: bool,
 }
 
 #[derive(Debug, Clone)]

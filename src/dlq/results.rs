@@ -97,6 +97,7 @@ mod tests {
             body: Bytes::from_static(body),
             model_version: Some("grader-v3".into()),
             upstream: "grader".into(),
+            unapproved: false,
         }
     }
 

@@ -33,6 +33,13 @@ pub enum ErrorKind {
     AiDisabled,
     #[error("over the concurrency limit: request shed")]
     Overloaded,
+    /// The AI answered from a model version outside the route's `approved_versions`
+    /// (`on_unapproved = "fallback"`).
+    #[error("the answer came from model version {version}, which is not approved")]
+    Unapproved { version: String },
+    /// The AI's answer does not match the route's `response_schema`.
+    #[error("the answer does not match the response schema: {0}")]
+    InvalidResponse(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -79,7 +86,9 @@ impl ProxyError {
             ErrorKind::Connect(_)
             | ErrorKind::Transport { .. }
             | ErrorKind::Timeout(_)
-            | ErrorKind::Status { .. } => ErrorSource::Upstream,
+            | ErrorKind::Status { .. }
+            | ErrorKind::Unapproved { .. }
+            | ErrorKind::InvalidResponse(_) => ErrorSource::Upstream,
             ErrorKind::BreakerOpen { .. } | ErrorKind::AiDisabled | ErrorKind::Overloaded => {
                 ErrorSource::Policy
             }
@@ -99,6 +108,8 @@ impl ProxyError {
             ErrorKind::BreakerOpen { .. } => Reason::BreakerOpen,
             ErrorKind::AiDisabled => Reason::AiDisabled,
             ErrorKind::Overloaded => Reason::Overloaded,
+            ErrorKind::Unapproved { .. } => Reason::UnapprovedVersion,
+            ErrorKind::InvalidResponse(_) => Reason::InvalidResponse,
             ErrorKind::Internal(_) => Reason::Internal,
         }
     }
@@ -112,12 +123,16 @@ impl ProxyError {
             | ErrorKind::Overloaded
             | ErrorKind::Internal(_) => false,
             ErrorKind::Transport { sent, .. } => *sent,
-            ErrorKind::Timeout(_) | ErrorKind::Status { .. } => true,
+            ErrorKind::Timeout(_)
+            | ErrorKind::Status { .. }
+            | ErrorKind::Unapproved { .. }
+            | ErrorKind::InvalidResponse(_) => true,
         }
     }
 
     /// Failures that another attempt might fix. A breaker or kill switch saying no is final
-    /// for this request.
+    /// for this request; so is an unapproved or invalid answer (the same AI would give it
+    /// again).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
@@ -185,6 +200,10 @@ impl ProxyError {
             ErrorKind::Timeout(_) => Some(CallOutcome::Failure(FailureKind::Timeout)),
             ErrorKind::Status { status, .. } => {
                 Some(crate::breaker::classify_status(status.as_u16()))
+            }
+            ErrorKind::Unapproved { .. } => Some(CallOutcome::Failure(FailureKind::Unapproved)),
+            ErrorKind::InvalidResponse(_) => {
+                Some(CallOutcome::Failure(FailureKind::InvalidResponse))
             }
             ErrorKind::Internal(_)
             | ErrorKind::BreakerOpen { .. }

@@ -63,6 +63,9 @@ pub struct Facts {
     /// Why the AI did not answer, once a layer saw the failure (kept for a request whose
     /// client goes away while a fallback or the DLQ is still working on it).
     pub failure: Option<Reason>,
+    /// The answer passed although its model version is not approved
+    /// (`on_unapproved = "flag"`): marked in the decision record.
+    pub unapproved: bool,
     pub dlq: DlqState,
     /// Work to run once an in-flight DLQ hand-off ends (the record of a cancelled request
     /// that waits for its DLQ outcome).
@@ -134,6 +137,7 @@ impl RequestMeta {
         f.variant = variant.cloned();
         f.model_version = None;
         f.upstream_latency = None;
+        f.unapproved = false;
         f.attempts
     }
 
@@ -229,6 +233,10 @@ pub enum Reason {
     ConnectError,
     AiDisabled,
     Overloaded,
+    /// The answer came from a model version outside `approved_versions`.
+    UnapprovedVersion,
+    /// The answer did not match `response_schema`.
+    InvalidResponse,
     /// breakwater's own fault, never blamed on the AI.
     Internal,
 }
@@ -242,6 +250,8 @@ impl Reason {
             Reason::ConnectError => "connect_error",
             Reason::AiDisabled => "ai_disabled",
             Reason::Overloaded => "overloaded",
+            Reason::UnapprovedVersion => "unapproved_version",
+            Reason::InvalidResponse => "invalid_response",
             Reason::Internal => "internal",
         }
     }

@@ -245,7 +245,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            let outcome = outcome_of(&result);
+            let outcome = outcome_of(&result).and_then(CallOutcome::for_breaker);
             match result {
                 Ok(mut resp) if resp.body_bytes.is_none() && !resp.http.body().is_end_stream() => {
                     // Judged when the body ends: the permit travels with it.

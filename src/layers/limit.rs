@@ -2,6 +2,10 @@
 //! when enabled). Over the limit a request is shed at once with `overloaded`, so the
 //! fallback answers instead of a queue building up in front of a struggling AI.
 //!
+//! Routes share an upstream's limit by criticality (`proxy::limit_share`): where a more
+//! critical route calls the same upstream, a low route may fill at most half of the limit
+//! and a medium one 80%, so under overload the low-criticality routes are shed first.
+//!
 //! A call dropped at or after the route deadline (the deadline layer above gave up on it)
 //! still feeds the adaptive limit, as a timeout: a hanging AI must shrink the limit.
 
@@ -24,11 +28,17 @@ use crate::telemetry;
 pub struct LimitLayer {
     limiter: Arc<ConcurrencyLimiter>,
     upstream: Arc<str>,
+    share: f64,
 }
 
 impl LimitLayer {
-    pub fn new(limiter: Arc<ConcurrencyLimiter>, upstream: Arc<str>) -> Self {
-        LimitLayer { limiter, upstream }
+    /// `share`: the part of the limit this route may fill (1.0: all of it).
+    pub fn new(limiter: Arc<ConcurrencyLimiter>, upstream: Arc<str>, share: f64) -> Self {
+        LimitLayer {
+            limiter,
+            upstream,
+            share,
+        }
     }
 }
 
@@ -39,6 +49,7 @@ impl<S> Layer<S> for LimitLayer {
             inner,
             limiter: self.limiter.clone(),
             upstream: self.upstream.clone(),
+            share: self.share,
         }
     }
 }
@@ -48,6 +59,7 @@ pub struct Limit<S> {
     inner: S,
     limiter: Arc<ConcurrencyLimiter>,
     upstream: Arc<str>,
+    share: f64,
 }
 
 impl<S> Service<ProxyRequest> for Limit<S>
@@ -64,7 +76,7 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
-        let Some(permit) = self.limiter.try_acquire() else {
+        let Some(permit) = self.limiter.try_acquire_share(self.share) else {
             metrics::counter!(telemetry::SHED_TOTAL, "route" => req.meta.route.name.clone(), "upstream" => self.upstream.to_string()).increment(1);
             req.meta.refused_by(Some(&self.upstream), None);
             let e = ProxyError::from(ErrorKind::Overloaded);
@@ -81,7 +93,7 @@ where
         Box::pin(async move {
             let result = fut.await;
             if let Some(permit) = guard.permit.take() {
-                if let Some(outcome) = outcome_of(&result) {
+                if let Some(outcome) = outcome_of(&result).and_then(CallOutcome::for_limit) {
                     permit.record(outcome, guard.started.elapsed());
                 }
             }
@@ -142,7 +154,7 @@ mod tests {
             adaptive: false,
         }));
         let (mock, mut handle) = tower_test::mock::pair::<ProxyRequest, ProxyResponse>();
-        let svc = LimitLayer::new(limiter.clone(), Arc::from("ai"))
+        let svc = LimitLayer::new(limiter.clone(), Arc::from("ai"), 1.0)
             .layer(mock.map_err(|e| ProxyError::from(ErrorKind::Internal(e.to_string()))));
         handle.allow(10);
         let first = tokio::spawn(svc.clone().oneshot(test_request(Duration::from_secs(5))));
@@ -175,7 +187,7 @@ mod tests {
         // The deadline above drops the hanging call; nothing below ever answers.
         let svc = tower::ServiceBuilder::new()
             .layer(crate::layers::timeout::DeadlineLayer)
-            .layer(LimitLayer::new(limiter.clone(), Arc::from("ai")))
+            .layer(LimitLayer::new(limiter.clone(), Arc::from("ai"), 1.0))
             .service(mock.map_err(|e| ProxyError::from(ErrorKind::Internal(e.to_string()))));
         handle.allow(100);
         for _ in 0..10 {

@@ -2,6 +2,7 @@
 
 pub mod audit_body;
 pub mod breaker;
+pub mod comply;
 pub mod dlq;
 pub mod fallback;
 pub mod kill;

@@ -421,6 +421,7 @@ struct Known {
     upstream_latency: Option<Duration>,
     attempts: u32,
     failure: Option<Reason>,
+    unapproved: bool,
     dlq: Option<(DlqOutcome, Arc<str>)>,
 }
 
@@ -434,6 +435,7 @@ impl Known {
             upstream_latency: f.upstream_latency,
             attempts: f.attempts,
             failure: f.failure,
+            unapproved: f.unapproved,
             dlq: f.dlq.outcome(),
         }
     }
@@ -472,6 +474,8 @@ impl AuditStart {
             dlq: facts.dlq.as_ref().map(|d| d.0.as_str()),
             dlq_msg_id: facts.dlq.map(|d| d.1.to_string()),
             trace_id: meta.trace.as_ref().map(|t| t.trace_id.clone()),
+            // Only an answer that reached the client is marked.
+            unapproved: facts.unapproved && ending.outcome == Outcome::Ai,
         }
     }
 }

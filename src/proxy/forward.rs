@@ -196,7 +196,7 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     )
 }
 
-fn model_version_from_json(body: &[u8], pointer: &str) -> Option<String> {
+pub(crate) fn model_version_from_json(body: &[u8], pointer: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     match value.pointer(pointer)? {
         serde_json::Value::String(s) => Some(s.clone()),

@@ -37,6 +37,7 @@ use crate::exchange::headers::{self, IDEMPOTENCY_KEY, X_OUTCOME, X_REQUEST_ID};
 use crate::exchange::{ProxyBody, ProxyRequest, RequestMeta};
 use crate::fallback::Fallback;
 use crate::layers::breaker::{BreakerLayer, SharedBreaker};
+use crate::layers::comply::{ComplyLayer, SeenVersions, UnapprovedFlag};
 use crate::layers::dlq::{DeadLetters, DlqLayer};
 use crate::layers::fallback::FallbackLayer;
 use crate::layers::kill::{AiSwitch, KillSwitchLayer};
@@ -75,6 +76,10 @@ pub struct RouteState {
     pub breaker: Option<Arc<SharedBreaker>>,
     pub ai: Arc<AiSwitch>,
     pub canary: Arc<CanaryRoute>,
+    /// The last answer was refused as unapproved: the route counts as degraded.
+    pub unapproved: Arc<UnapprovedFlag>,
+    /// The current degraded episode, for `rto_s`.
+    pub episode: Arc<crate::rto::Episode>,
     budget: Option<(RetryConfig, Arc<RetryBudget>)>,
     cache: Option<(CacheKey, Arc<ResponseCache>)>,
 }
@@ -99,6 +104,8 @@ pub struct Shared {
     access_log: OnceLock<crate::access_log::AccessLog>,
     /// `[tracing]`, once started.
     tracing: OnceLock<Arc<crate::otel::Tracing>>,
+    /// Unapproved model versions already reported (one event per new version).
+    seen_versions: Arc<SeenVersions>,
 }
 
 impl Shared {
@@ -278,10 +285,14 @@ impl Shared {
             prev.map(|p| &*p.canary),
             variant_breaker,
         );
+        let unapproved = prev.map(|p| p.unapproved.clone()).unwrap_or_default();
+        let episode = prev.map(|p| p.episode.clone()).unwrap_or_default();
         Arc::new(RouteState {
             breaker,
             ai,
             canary,
+            unapproved,
+            episode,
             budget,
             cache,
         })
@@ -539,6 +550,24 @@ type Branch = BoxCloneSyncService<
     crate::exchange::error::ProxyError,
 >;
 
+/// The part of `upstream`'s concurrency limit `route` may fill: all of it unless a more
+/// critical route calls the same upstream, then `Criticality::limit_share` (low 50%,
+/// medium 80%), the rest kept as headroom so the less critical route is shed first.
+fn limit_share(config: &Config, route: &RouteConfig, upstream: &str) -> f64 {
+    let calls = |r: &RouteConfig| {
+        r.upstream == upstream || r.variants.iter().any(|v| v.upstream == upstream)
+    };
+    let more_critical = config
+        .routes
+        .iter()
+        .any(|r| r.criticality > route.criticality && calls(r));
+    if more_critical {
+        route.criticality.limit_share()
+    } else {
+        1.0
+    }
+}
+
 /// The layer order, outermost first. Read top to bottom as the path a request takes.
 pub fn build_stack(
     shared: &Shared,
@@ -552,7 +581,13 @@ pub fn build_stack(
         .get(&route.upstream)
         .ok_or_else(|| format!("unknown upstream {}", route.upstream))?;
     let upstream = shared.upstream(up_cfg)?;
-    let needs_body = route.model_version_pointer.is_some() || state.cache.is_some();
+    let needs_body = route.model_version_pointer.is_some()
+        || state.cache.is_some()
+        || route.response_schema.is_some()
+        || route
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.digest_pointer.is_some());
     let buffer_limit = needs_body.then_some(config.server.max_response_buffer_bytes);
 
     let mut chain = Vec::new();
@@ -602,11 +637,27 @@ pub fn build_stack(
             // Fail fast while this AI is known to be down; judge every attempt.
             .option_layer(breaker.map(BreakerLayer::new))
             // Bulkhead per upstream: shed instead of queueing in front of a struggling AI.
-            .option_layer(limiter.map(|l| LimitLayer::new(l, upstream.name.clone())))
+            // Its share of the limit depends on the route's criticality: low-criticality
+            // routes are shed first, keeping headroom for the critical ones.
+            .option_layer(limiter.map(|l| {
+                LimitLayer::new(
+                    l,
+                    upstream.name.clone(),
+                    limit_share(config, route, up_name),
+                )
+            }))
             // Cuts this attempt at attempt_timeout_ms or the route deadline, so the breaker,
             // the bulkhead, the canary and the retry above all see the timeout as a failure.
             .layer(AttemptTimeoutLayer::new(
                 route.retry.as_ref().and_then(|r| r.attempt_timeout),
+            ))
+            // Judges the answer's content (approved model version, response schema): a
+            // refused answer is an error from here up, for the breaker, bulkhead and canary.
+            .option_layer(ComplyLayer::for_route(
+                route,
+                shared.seen_versions.clone(),
+                shared.events(),
+                state.unapproved.clone(),
             ))
             // Innermost: one call to the AI upstream; 5xx/429 become errors here.
             .service(Forward::new(

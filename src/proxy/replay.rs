@@ -115,6 +115,7 @@ impl ReplayTarget for ProxyReplay {
             ),
             Err(f) => ("replay_failed", 0, None, None, None, Some(f.reason.clone())),
         };
+        let unapproved = result.as_ref().is_ok_and(|a| a.unapproved);
         let record = Decision {
             upstream,
             model_version,
@@ -129,6 +130,7 @@ impl ReplayTarget for ProxyReplay {
             dlq_msg_id: Some(env.msg_id.clone()),
             // The original request's trace: one id ties the request and its replay.
             trace_id: env.trace_id.clone(),
+            unapproved,
             ..Decision::new(
                 Arc::from(env.route.as_str()),
                 Arc::from(env.request_id.as_str()),
@@ -301,7 +303,39 @@ async fn replay_once(
         .as_ref()
         .and_then(|h| parts.headers.get(h))
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(str::to_string)
+        .or_else(|| {
+            let ptr = route.model_version_pointer.as_deref()?;
+            super::forward::model_version_from_json(&body, ptr)
+        });
+    // A replayed answer reaches Magento too: the same compliance checks as the request
+    // path. A refused answer is a retryable failure, so the message waits (and is parked
+    // after max_replay_attempts) until an approved, valid answer comes.
+    let mut unapproved = false;
+    if let Some(approval) = &route.approval {
+        let digest = crate::layers::comply::digest_of(approval, &parts.headers, Some(&body));
+        if !approval.approves(model_version.as_deref(), digest.as_deref()) {
+            crate::layers::comply::count_unapproved(&route.name, model_version.as_deref());
+            if approval.on_unapproved == crate::config::OnUnapproved::Fallback {
+                return Err(fail(
+                    format!(
+                        "the answer came from model version {}, which is not approved",
+                        model_version.as_deref().unwrap_or("unknown")
+                    ),
+                    true,
+                ));
+            }
+            unapproved = true;
+        }
+    }
+    if let Some(schema) = &route.response_schema {
+        if let Err(why) = crate::layers::comply::check_schema(&route.name, schema, Some(&body)) {
+            return Err(fail(
+                format!("the answer does not match the response schema: {why}"),
+                true,
+            ));
+        }
+    }
     Ok(ReplayAnswer {
         status,
         headers: parts
@@ -312,6 +346,7 @@ async fn replay_once(
         body,
         model_version,
         upstream: route.upstream.clone(),
+        unapproved,
     })
 }
 
