@@ -547,6 +547,26 @@ fn today() -> String {
     super::rfc3339(SystemTime::now())[..10].to_string()
 }
 
+/// Lets a group fill until `until` (group commit), taking what arrives meanwhile; a full
+/// group or a flush (shutdown) ends the wait at once rather than after the interval.
+fn fill_group(rx: &mut mpsc::Receiver<Msg>, batch: &mut Vec<Msg>, max: usize, until: Instant) {
+    loop {
+        let room = max.saturating_sub(batch.len());
+        if room > 0 && !rx.is_empty() {
+            let before = batch.len();
+            rx.blocking_recv_many(batch, room);
+            if batch[before..].iter().any(|m| matches!(m, Msg::Flush(_))) {
+                return;
+            }
+        }
+        let now = Instant::now();
+        if batch.len() >= max || now >= until {
+            return;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(1)));
+    }
+}
+
 impl Writer {
     fn open(settings: &AuditSettings) -> Result<Writer, AuditError> {
         let path = &settings.path;
@@ -601,14 +621,12 @@ impl Writer {
             // A flush (shutdown, tests) asks for everything now: no waiting for the group.
             let flush = batch.iter().any(|m| matches!(m, Msg::Flush(_)));
             if !flush && batch.len() < max && batch.iter().any(|m| matches!(m, Msg::Entry(_))) {
-                let since = last_sync.elapsed();
-                if since < self.settings.fsync_interval {
-                    std::thread::sleep(self.settings.fsync_interval - since);
-                }
-                let room = max.saturating_sub(batch.len());
-                if room > 0 && !rx.is_empty() {
-                    rx.blocking_recv_many(&mut batch, room);
-                }
+                fill_group(
+                    &mut rx,
+                    &mut batch,
+                    max,
+                    last_sync + self.settings.fsync_interval,
+                );
             }
             if self.write_batch(&mut batch, &mut buf, &counters) {
                 last_sync = Instant::now();
@@ -1145,6 +1163,29 @@ mod tests {
 
     /// A group commit larger than `rotate_bytes` is split over files: with the writer held
     /// for one big batch, 60 records at a 4 KiB bound still rotate, and the chain verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_ends_the_group_commit_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        // A group that would wait ten minutes for company: the flush must not.
+        let (handle, thread) =
+            start(settings(dir.path(), Duration::from_secs(600), 1 << 20)).unwrap();
+        handle.submit(decision(0)).await;
+        // The writer has taken the lone record and is waiting for its group to fill.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        assert!(
+            handle.flush(Duration::from_secs(10)).await,
+            "the flush waited for the group"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(handle);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        let report = verify_paths(&[dir.path().join("decisions.jsonl")]).unwrap();
+        assert_eq!(report.records, 1);
+    }
+
     #[tokio::test]
     async fn a_batch_larger_than_rotate_bytes_is_split_over_files() {
         let dir = tempfile::tempdir().unwrap();
