@@ -60,6 +60,10 @@ fn conditions(reply: &Reply) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The gauges are process-wide and every probe or scrape sets them: tests that read them
+/// run one at a time, so another test's healthy proxy cannot zero them in between.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Polls `/readyz` until it names `condition`, then checks the status and the gauges the
 /// mode promises.
 async fn assert_degraded(proxy: &TestProxy, mode: Mode, condition: &str) {
@@ -107,11 +111,13 @@ async fn healthy_is_ready(mode: Mode) {
 
 #[tokio::test]
 async fn traffic_mode_healthy_is_ready_with_every_condition_at_zero() {
+    let _serial = SERIAL.lock().await;
     healthy_is_ready(Mode::Traffic).await;
 }
 
 #[tokio::test]
 async fn strict_mode_healthy_is_ready_with_every_condition_at_zero() {
+    let _serial = SERIAL.lock().await;
     healthy_is_ready(Mode::Strict).await;
 }
 
@@ -133,11 +139,13 @@ async fn audit_disk(mode: Mode) {
 
 #[tokio::test]
 async fn traffic_mode_a_failing_audit_disk_is_degraded_but_ready() {
+    let _serial = SERIAL.lock().await;
     audit_disk(Mode::Traffic).await;
 }
 
 #[tokio::test]
 async fn strict_mode_a_failing_audit_disk_is_not_ready() {
+    let _serial = SERIAL.lock().await;
     audit_disk(Mode::Strict).await;
 }
 
@@ -175,11 +183,13 @@ async fn spool_full(mode: Mode) {
 
 #[tokio::test]
 async fn traffic_mode_a_full_spool_is_degraded_but_ready() {
+    let _serial = SERIAL.lock().await;
     spool_full(Mode::Traffic).await;
 }
 
 #[tokio::test]
 async fn strict_mode_a_full_spool_is_not_ready() {
+    let _serial = SERIAL.lock().await;
     spool_full(Mode::Strict).await;
 }
 
@@ -201,11 +211,13 @@ async fn dlq_broker(mode: Mode) {
 
 #[tokio::test]
 async fn traffic_mode_an_unreachable_broker_is_degraded_but_ready() {
+    let _serial = SERIAL.lock().await;
     dlq_broker(Mode::Traffic).await;
 }
 
 #[tokio::test]
 async fn strict_mode_an_unreachable_broker_is_not_ready() {
+    let _serial = SERIAL.lock().await;
     dlq_broker(Mode::Strict).await;
 }
 
@@ -256,11 +268,13 @@ async fn draining(mode: Mode) {
 
 #[tokio::test]
 async fn traffic_mode_draining_is_not_ready() {
+    let _serial = SERIAL.lock().await;
     draining(Mode::Traffic).await;
 }
 
 #[tokio::test]
 async fn strict_mode_draining_is_not_ready() {
+    let _serial = SERIAL.lock().await;
     draining(Mode::Strict).await;
 }
 
