@@ -201,43 +201,25 @@ async fn a_reload_that_changes_the_access_log_is_refused() {
     proxy.stop().await;
 }
 
-#[test]
-fn bad_access_log_settings_are_config_errors_with_their_key() {
+/// `breakwater check` on a config with `extra` appended: it must refuse; its stderr.
+fn check_refuses(extra: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        simple_config(
-            "http://127.0.0.1:9",
-            "",
-            "[access_log]\npath = \"\"\nbuffer = 0\nformat = \"clf\"\n",
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, simple_config("http://127.0.0.1:9", "", extra)).unwrap();
     let out = Command::new(breakwater_bin())
         .args(["check", "--config"])
         .arg(&path)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn bad_access_log_settings_are_config_errors_with_their_key() {
+    let err = check_refuses("[access_log]\npath = \"\"\nbuffer = 0\nformat = \"clf\"\n");
     assert!(err.contains("access_log"), "{err}");
-    std::fs::write(
-        &path,
-        simple_config(
-            "http://127.0.0.1:9",
-            "",
-            "[access_log]\npath = \"\"\nbuffer = 0\n",
-        ),
-    )
-    .unwrap();
-    let out = Command::new(breakwater_bin())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = check_refuses("[access_log]\npath = \"\"\nbuffer = 0\n");
     assert!(err.contains("access_log.path"), "{err}");
     assert!(err.contains("access_log.buffer"), "{err}");
 }

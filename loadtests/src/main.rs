@@ -393,18 +393,7 @@ fn main() -> anyhow::Result<()> {
                     top,
                 },
             ))?;
-            std::fs::create_dir_all(&report_dir)?;
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let path = report_dir.join(format!("{stamp}-instructions.md"));
-            std::fs::write(&path, &report)?;
-            eprintln!("report written to {}", path.display());
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{report}");
-            }
+            save_report(&report_dir, "instructions", &report)?;
         }
         Cmd::Bench {
             proxy_bin,
@@ -430,19 +419,25 @@ fn main() -> anyhow::Result<()> {
                 audit,
                 ab_rounds,
             }))?;
-            std::fs::create_dir_all(&report_dir)?;
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let path = report_dir.join(format!("{stamp}-bench.md"));
-            std::fs::write(&path, &report)?;
-            eprintln!("report written to {}", path.display());
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{report}");
-            }
+            save_report(&report_dir, "bench", &report)?;
         }
+    }
+    Ok(())
+}
+
+/// Writes a Markdown report to `<dir>/<unix time>-<kind>.md` and prints it.
+fn save_report(dir: &std::path::Path, kind: &str, report: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let path = dir.join(format!("{stamp}-{kind}.md"));
+    std::fs::write(&path, report)?;
+    eprintln!("report written to {}", path.display());
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{report}");
     }
     Ok(())
 }
