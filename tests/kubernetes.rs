@@ -217,3 +217,47 @@ fn the_sidecar_config_in_the_configmap_is_a_valid_breakwater_config() {
     );
     assert!(cfg.server.admin_token.is_some());
 }
+
+/// Every base image in the Dockerfile is pinned by digest, so a rebuild pulls the bytes that
+/// were reviewed (a tag can be moved under the same name). `FROM <earlier stage>` is exempt.
+#[test]
+fn the_dockerfile_pins_every_base_image_by_digest() {
+    let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let mut stages: Vec<String> = Vec::new();
+    let mut bases = 0;
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words
+            .first()
+            .is_none_or(|w| !w.eq_ignore_ascii_case("FROM"))
+        {
+            continue;
+        }
+        let image = words
+            .iter()
+            .skip(1)
+            .find(|w| !w.starts_with("--"))
+            .expect("FROM names an image");
+        let earlier_stage = stages.contains(&image.to_lowercase());
+        if let Some(i) = words.iter().position(|w| w.eq_ignore_ascii_case("AS")) {
+            stages.push(words[i + 1].to_lowercase());
+        }
+        if earlier_stage {
+            continue;
+        }
+        bases += 1;
+        let digest = image
+            .split_once("@sha256:")
+            .map(|(_, d)| d)
+            .unwrap_or_else(|| panic!("{line}: the base image is not pinned by digest"));
+        assert!(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{line}: a sha256 digest is 64 hex digits"
+        );
+        assert!(
+            image.contains(':') && image.find(':') < image.find('@'),
+            "{line}: keep the tag beside the digest so readers know what it is"
+        );
+    }
+    assert_eq!(bases, 2, "the build and the runtime stage");
+}
