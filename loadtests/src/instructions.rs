@@ -29,6 +29,8 @@ pub struct InstrArgs {
     pub connections: usize,
     /// Functions listed per target.
     pub top: usize,
+    /// Only these targets: a whole name, or a part of names (all when empty).
+    pub only: Vec<String>,
 }
 
 /// One measured target.
@@ -341,6 +343,17 @@ pub async fn instructions(args: InstrArgs) -> anyhow::Result<String> {
             );
         }
     }
+    if !args.only.is_empty() {
+        // A name matches itself exactly when one target has it ("breakwater" is only the
+        // first row), else every target whose name contains it ("nginx").
+        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        let wanted = |name: &str| {
+            args.only
+                .iter()
+                .any(|o| name == o.as_str() || (!names.contains(o) && name.contains(o.as_str())))
+        };
+        targets.retain(|t| wanted(&t.name));
+    }
     let mut rows = Vec::new();
     // The /down/ route's breaker trips during its warm-up (5 connect errors, each answered
     // by the fallback); the measured requests all find it open.
@@ -348,6 +361,8 @@ pub async fn instructions(args: InstrArgs) -> anyhow::Result<String> {
         eprintln!("measuring {} ...", t.name);
         rows.push(measure(t, &args, &dir).await?);
     }
+    // The dumps stay for `callgrind_annotate --inclusive=yes DUMP`.
+    eprintln!("callgrind dumps kept in {}", dir.display());
     Ok(report(&rows, &args))
 }
 

@@ -94,6 +94,9 @@ enum Cmd {
         /// Functions listed per target.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Only the targets whose name contains this (repeatable), e.g. `--only nginx`.
+        #[arg(long)]
+        only: Vec<String>,
         #[arg(long, default_value = "loadtests/reports")]
         report_dir: PathBuf,
     },
@@ -378,6 +381,7 @@ fn main() -> anyhow::Result<()> {
             warmup,
             connections,
             top,
+            only,
             report_dir,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -391,6 +395,7 @@ fn main() -> anyhow::Result<()> {
                     warmup,
                     connections,
                     top,
+                    only,
                 },
             ))?;
             save_report(&report_dir, "instructions", &report)?;
