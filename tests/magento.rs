@@ -39,7 +39,9 @@ fn php_with(extensions: &[&str]) -> bool {
         return true;
     }
     if in_ci() {
-        panic!("missing {missing:?} and CI=true (.ci/run installs php-cli php-curl php-amqp)");
+        panic!(
+            "missing {missing:?} and CI=true (.ci/run installs php-cli php-curl php-amqp php-xml)"
+        );
     }
     eprintln!("skipping: missing {missing:?} (apt-get install php-cli php-curl php-amqp)");
     false
