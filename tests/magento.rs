@@ -43,7 +43,7 @@ fn php_with(extensions: &[&str]) -> bool {
             "missing {missing:?} and CI=true (.ci/run installs php-cli php-curl php-amqp php-xml)"
         );
     }
-    eprintln!("skipping: missing {missing:?} (apt-get install php-cli php-curl php-amqp)");
+    eprintln!("skipping: missing {missing:?} (apt-get install php-cli php-curl php-amqp php-xml)");
     false
 }
 

@@ -346,13 +346,20 @@ pub async fn instructions(args: InstrArgs) -> anyhow::Result<String> {
     if !args.only.is_empty() {
         // A name matches itself exactly when one target has it ("breakwater" is only the
         // first row), else every target whose name contains it ("nginx").
-        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-        let wanted = |name: &str| {
-            args.only
-                .iter()
-                .any(|o| name == o.as_str() || (!names.contains(o) && name.contains(o.as_str())))
-        };
-        targets.retain(|t| wanted(&t.name));
+        let exact: Vec<bool> = args
+            .only
+            .iter()
+            .map(|o| targets.iter().any(|t| t.name == *o))
+            .collect();
+        targets.retain(|t| {
+            args.only.iter().zip(&exact).any(|(o, &exact)| {
+                if exact {
+                    t.name == *o
+                } else {
+                    t.name.contains(o.as_str())
+                }
+            })
+        });
     }
     let mut rows = Vec::new();
     // The /down/ route's breaker trips during its warm-up (5 connect errors, each answered

@@ -94,7 +94,8 @@ enum Cmd {
         /// Functions listed per target.
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// Only the targets whose name contains this (repeatable), e.g. `--only nginx`.
+        /// Only this target (repeatable): a whole name (`--only breakwater` is the first row
+        /// alone), else every target whose name contains it (`--only nginx`).
         #[arg(long)]
         only: Vec<String>,
         #[arg(long, default_value = "loadtests/reports")]
