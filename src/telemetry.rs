@@ -39,6 +39,8 @@ pub const DEGRADED_EPISODE_SECONDS: &str = "breakwater_degraded_episode_seconds"
 pub const RTO_SECONDS: &str = "breakwater_rto_seconds";
 pub const UNAPPROVED_VERSION_TOTAL: &str = "breakwater_unapproved_version_total";
 pub const SCHEMA_VIOLATIONS_TOTAL: &str = "breakwater_schema_violations_total";
+pub const SHADOW_REQUESTS_TOTAL: &str = "breakwater_shadow_requests_total";
+pub const SHADOW_AGREEMENT_RATIO: &str = "breakwater_shadow_agreement_ratio";
 pub const CONNECTIONS_OPEN: &str = "breakwater_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "breakwater_connections_refused_total";
 pub const AMQP_CONNECTIONS: &str = "breakwater_amqp_connections_total";
@@ -229,6 +231,14 @@ fn describe() {
     describe_counter!(
         SCHEMA_VIOLATIONS_TOTAL,
         "AI answers that did not match the route's response_schema"
+    );
+    describe_counter!(
+        SHADOW_REQUESTS_TOTAL,
+        "Requests mirrored to a route's shadow candidate, by result (agree, disagree, error, timeout, incomparable, dropped)"
+    );
+    describe_gauge!(
+        SHADOW_AGREEMENT_RATIO,
+        "Share of compared shadow answers that agreed with the answer the client got"
     );
 }
 

@@ -525,6 +525,7 @@ fn inventory(state: &AdminState, table: bool) -> http::Response<ProxyBody> {
             "baseline_window": rs.canary.baseline_summary(now),
             "variants": rs.canary.variant_report(now),
             "model_versions": state.proxy.shared.inventory.versions(&route.name),
+            "shadow": route.shadow.as_ref().and_then(|_| state.proxy.shared.shadow(&route.name)).map(|s| s.report()),
         }));
     }
     let doc = json!({

@@ -171,6 +171,24 @@ pub struct RouteConfig {
     pub approval: Option<Arc<Approval>>,
     /// `response_schema`, compiled once per config generation.
     pub response_schema: Option<Arc<ResponseSchema>>,
+    /// `shadow`: mirror a share of the answered requests to a candidate upstream.
+    pub shadow: Option<Arc<ShadowConfig>>,
+}
+
+/// A shadow test of a candidate (a patched service, a new model version): a share of the
+/// requests the AI answered is sent again, off the request path, to `upstream`; its answer
+/// is compared with the one the client got and then discarded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    pub upstream: String,
+    /// Share of the AI-answered requests mirrored, 0-100 (fractions allowed).
+    pub percent: f64,
+    /// JSON pointer to the part of the answer compared; `None`: the whole answer.
+    pub compare_pointer: Option<String>,
+    /// Mirrored requests in flight at once; past that a mirror is dropped and counted.
+    pub max_in_flight: u32,
+    /// How long the candidate may take before the mirror counts as `timeout`.
+    pub timeout: Duration,
 }
 
 /// How much a route matters; under overload the less critical routes are shed first.

@@ -184,6 +184,18 @@ pub struct RawRoute {
     pub model_digest_header: Option<String>,
     pub model_digest_pointer: Option<String>,
     pub response_schema: Option<String>,
+    pub shadow: Option<RawShadow>,
+}
+
+/// `shadow = { upstream, percent, compare_pointer, max_in_flight, timeout_ms }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadow {
+    pub upstream: String,
+    pub percent: f64,
+    pub compare_pointer: Option<String>,
+    pub max_in_flight: Option<u32>,
+    pub timeout_ms: Option<u64>,
 }
 
 /// One entry of `approved_versions`: a version string, or a version pinned to the

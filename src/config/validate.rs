@@ -749,6 +749,10 @@ fn validate_route(
         .response_schema
         .as_ref()
         .and_then(|file| compile_schema(e, file, &format!("{p}.response_schema")));
+    let shadow = r
+        .shadow
+        .as_ref()
+        .map(|s| validate_shadow(e, &format!("{p}.shadow"), s, upstreams, timeout));
 
     if e.0.len() != before {
         return None;
@@ -773,7 +777,54 @@ fn validate_route(
         rto,
         approval: approval.map(Arc::new),
         response_schema: response_schema.map(Arc::new),
+        shadow: shadow.map(Arc::new),
     })
+}
+
+/// `shadow = { upstream, percent, compare_pointer, max_in_flight, timeout_ms }`.
+fn validate_shadow(
+    e: &mut Errors,
+    p: &str,
+    s: &super::raw::RawShadow,
+    upstreams: &HashSet<&str>,
+    route_timeout: Duration,
+) -> ShadowConfig {
+    e.check(
+        upstreams.contains(s.upstream.as_str()),
+        format!("{p}.upstream"),
+        format!("no [upstreams.{}] defined", s.upstream),
+    );
+    e.check(
+        s.percent.is_finite() && (0.0..=100.0).contains(&s.percent),
+        format!("{p}.percent"),
+        "must be a percentage between 0 and 100",
+    );
+    if let Some(ptr) = &s.compare_pointer {
+        e.check(
+            ptr.is_empty() || ptr.starts_with('/'),
+            format!("{p}.compare_pointer"),
+            "a JSON pointer must start with '/' (RFC 6901), e.g. \"/items\"; \"\" compares the whole answer",
+        );
+    }
+    let max_in_flight = s.max_in_flight.unwrap_or(32);
+    e.check(
+        (1..=10_000).contains(&max_in_flight),
+        format!("{p}.max_in_flight"),
+        "must be between 1 and 10000",
+    );
+    let timeout = s.timeout_ms.map_or(route_timeout, Duration::from_millis);
+    e.check(
+        !timeout.is_zero(),
+        format!("{p}.timeout_ms"),
+        "must be greater than 0",
+    );
+    ShadowConfig {
+        upstream: s.upstream.clone(),
+        percent: s.percent,
+        compare_pointer: s.compare_pointer.clone().filter(|p| !p.is_empty()),
+        max_in_flight,
+        timeout,
+    }
 }
 
 /// `approved_versions`, `on_unapproved` and `model_digest_header`.
@@ -1447,6 +1498,54 @@ mod vary_tests {
         assert!(
             err.to_string().contains("server.response_write_timeout_ms"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn shadow_settings_have_defaults_and_every_error_names_its_key() {
+        let with = |shadow: &str| {
+            Config::from_toml(&format!(
+                "[server]\nlisten=\"127.0.0.1:0\"\nadmin_listen=\"127.0.0.1:0\"\n\
+                 [upstreams.a]\nurl=\"http://127.0.0.1:1\"\n[upstreams.cand]\nurl=\"http://127.0.0.1:2\"\n\
+                 [[routes]]\nname=\"r\"\npath_prefix=\"/\"\nupstream=\"a\"\ntimeout_ms=700\nshadow = {shadow}\n"
+            ))
+        };
+        let cfg =
+            with("{ upstream = \"cand\", percent = 12.5, compare_pointer = \"/items\" }").unwrap();
+        let s = cfg.routes[0].shadow.as_deref().unwrap();
+        assert_eq!(s.upstream, "cand");
+        assert_eq!(s.percent, 12.5);
+        assert_eq!(s.compare_pointer.as_deref(), Some("/items"));
+        assert_eq!(s.max_in_flight, 32);
+        assert_eq!(s.timeout, Duration::from_millis(700), "the route's timeout");
+        let cfg =
+            with("{ upstream = \"cand\", percent = 1, compare_pointer = \"\", timeout_ms = 50 }")
+                .unwrap();
+        let s = cfg.routes[0].shadow.as_deref().unwrap();
+        assert_eq!(s.compare_pointer, None, "\"\" compares the whole answer");
+        assert_eq!(s.timeout, Duration::from_millis(50));
+
+        let err = with(
+            "{ upstream = \"nope\", percent = 120, compare_pointer = \"items\", max_in_flight = 0, timeout_ms = 0 }",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "upstream",
+            "percent",
+            "compare_pointer",
+            "max_in_flight",
+            "timeout_ms",
+        ] {
+            assert!(
+                err.contains(&format!("routes[0].shadow.{key}")),
+                "{key}: {err}"
+            );
+        }
+        let err = with("{ upstream = \"cand\", percent = 5, mirror = true }").unwrap_err();
+        assert!(
+            err.to_string().contains("mirror"),
+            "unknown keys are errors: {err}"
         );
     }
 }

@@ -9,4 +9,5 @@ pub mod kill;
 pub mod limit;
 pub mod observe;
 pub mod retry;
+pub mod shadow;
 pub mod timeout;

@@ -44,6 +44,7 @@ use crate::layers::kill::{AiSwitch, KillSwitchLayer};
 use crate::layers::limit::LimitLayer;
 use crate::layers::observe::{AuditCtx, ObserveLayer, RouteMetrics};
 use crate::layers::retry::{RetryLayer, RetryPolicy};
+use crate::layers::shadow::{ShadowLayer, ShadowRoute};
 use crate::layers::timeout::{AttemptTimeoutLayer, DeadlineLayer};
 use crate::upstream::Upstream;
 use forward::{Forward, ReadAheadLimits};
@@ -106,6 +107,8 @@ pub struct Shared {
     tracing: OnceLock<Arc<crate::otel::Tracing>>,
     /// Unapproved model versions already reported (one event per new version).
     seen_versions: Arc<SeenVersions>,
+    /// Each route's shadow test: its counts survive a reload that keeps the candidate.
+    shadows: Mutex<HashMap<Arc<str>, Arc<ShadowRoute>>>,
 }
 
 impl Shared {
@@ -162,6 +165,36 @@ impl Shared {
     /// The one response read-ahead budget, made on first use; a generation sets its limit.
     pub fn response_budget(&self) -> &Arc<ResponseBudget> {
         self.response_budget.get_or_init(|| ResponseBudget::new(0))
+    }
+
+    /// A route's shadow test, for the inventory.
+    pub fn shadow(&self, route: &str) -> Option<Arc<ShadowRoute>> {
+        self.shadows.lock().ok()?.get(route).cloned()
+    }
+
+    /// The shadow state for this generation's `shadow` settings of `route`: the same one
+    /// while they are unchanged, a new one (keeping the counts while the candidate is the
+    /// same) when they changed.
+    fn shadow_for(
+        &self,
+        route: &RouteConfig,
+        config: &Arc<crate::config::ShadowConfig>,
+    ) -> Result<Arc<ShadowRoute>, String> {
+        let mut shadows = self
+            .shadows
+            .lock()
+            .map_err(|_| "shadow registry poisoned".to_string())?;
+        let previous = shadows.get(&route.name);
+        if let Some(p) = previous.filter(|p| *p.config == **config) {
+            return Ok(p.clone());
+        }
+        let state = Arc::new(ShadowRoute::new(
+            &route.name,
+            config.clone(),
+            previous.map(|p| &**p),
+        ));
+        shadows.insert(route.name.clone(), state.clone());
+        Ok(state)
     }
 
     /// The pooled client of an upstream (the DLQ replay worker uses it too).
@@ -679,6 +712,21 @@ pub fn build_stack(
         .iter()
         .map(|v| branch(&v.config.upstream, v.breaker.clone(), Some(v.name.clone())))
         .collect::<Result<Vec<_>, _>>()?;
+    let shadow = match &route.shadow {
+        None => None,
+        Some(cfg) => {
+            let up = config
+                .upstreams
+                .get(&cfg.upstream)
+                .ok_or_else(|| format!("unknown shadow upstream {}", cfg.upstream))?;
+            Some(ShadowLayer::new(
+                shared.shadow_for(route, cfg)?,
+                shared.upstream(up)?,
+                route.clone(),
+                config.server.max_response_buffer_bytes,
+            ))
+        }
+    };
     let split = Split::new(
         state.canary.clone(),
         state.breaker.clone(),
@@ -705,6 +753,9 @@ pub fn build_stack(
             ))
             // Everything below can fail; from here up there is an answer (or the JSON error).
             .layer(FallbackLayer::new(chain))
+            // Mirrors a share of the answered requests to the shadow candidate, off the
+            // request path: below the fallback, so it sees only what the AI answered.
+            .option_layer(shadow)
             // Replayable requests the AI did not answer are spooled for replay; sees the
             // failure before a fallback hides it, and covers the kill switch below too.
             .option_layer(
