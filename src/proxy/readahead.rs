@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use futures_util::FutureExt;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -138,27 +139,102 @@ enum Msg {
 
 /// The client body for an upstream answer, read ahead within `budget`, at most
 /// `per_response` bytes of it.
-pub fn read_ahead(body: Incoming, budget: &Arc<ResponseBudget>, per_response: u64) -> ProxyBody {
+///
+/// What has already arrived is taken at once, without a task: an answer that came whole
+/// with its head (most answers) becomes one charged frame, with no pump task and no
+/// channel. Only an answer still arriving gets a pump.
+pub fn read_ahead(
+    mut body: Incoming,
+    budget: &Arc<ResponseBudget>,
+    per_response: u64,
+) -> ProxyBody {
     let hint = body.size_hint();
     if body.is_end_stream() {
         return body.map_err(BoxError::from).boxed();
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let rest = if per_response == 0 || budget.limit.load(Ordering::Relaxed) == 0 {
-        Some(body)
+    let mut rest = None;
+    if per_response == 0 || budget.limit.load(Ordering::Relaxed) == 0 {
+        rest = Some(body);
     } else {
-        tokio::spawn(pump(body, budget.clone(), per_response, tx));
-        None
-    };
-    ReadAhead {
-        rx,
-        rest,
-        window: Arc::new(Window::default()),
-        left: hint.exact(),
-        hint,
-        ended: false,
+        let mut taken = 0u64;
+        let mut first: Option<Bytes> = None;
+        loop {
+            let Some(polled) = body.frame().now_or_never() else {
+                // Still arriving: what came goes first, the pump reads the rest.
+                if let Some(data) = first.take() {
+                    let _ = tx.send(Msg::Frame(Ok(Frame::data(data))));
+                }
+                tokio::spawn(pump(body, budget.clone(), per_response, taken, tx));
+                break;
+            };
+            let frame = match polled {
+                Some(Ok(frame)) => frame,
+                None => {
+                    // Whole, and at most one data frame: a plain body.
+                    return match first {
+                        Some(data) if rx.is_empty() => crate::exchange::full_body(data),
+                        other => {
+                            if let Some(data) = other {
+                                let _ = tx.send(Msg::Frame(Ok(Frame::data(data))));
+                            }
+                            drop(tx);
+                            ReadAhead::new(rx, None, hint).boxed()
+                        }
+                    };
+                }
+                Some(Err(e)) => {
+                    if let Some(data) = first.take() {
+                        let _ = tx.send(Msg::Frame(Ok(Frame::data(data))));
+                    }
+                    let _ = tx.send(Msg::Frame(Err(e.into())));
+                    break;
+                }
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => {
+                    let n = data.len() as u64;
+                    let charge = (taken + n <= per_response)
+                        .then(|| budget.try_charge(n))
+                        .flatten();
+                    let Some(charge) = charge else {
+                        // Out of budget: this frame uncharged, then the rest streams.
+                        if let Some(data) = first.take() {
+                            let _ = tx.send(Msg::Frame(Ok(Frame::data(data))));
+                        }
+                        let _ = tx.send(Msg::Frame(Ok(Frame::data(data))));
+                        rest = Some(body);
+                        break;
+                    };
+                    taken += n;
+                    Frame::data(charged(data, charge))
+                }
+                Err(frame) => frame,
+            };
+            // Hold one data frame back: if it is the whole answer it needs no channel.
+            if let Some(data) = first.take() {
+                let _ = tx.send(Msg::Frame(Ok(Frame::data(data))));
+            }
+            match frame.into_data() {
+                Ok(data) => first = Some(data),
+                Err(frame) => {
+                    let _ = tx.send(Msg::Frame(Ok(frame)));
+                }
+            }
+            // A body of known length that is complete says so: no poll for its end.
+            if body.is_end_stream() {
+                if let Some(data) = first.take() {
+                    if rx.is_empty() {
+                        return crate::exchange::full_body(data);
+                    }
+                    let _ = tx.send(Msg::Frame(Ok(Frame::data(data))));
+                }
+                drop(tx);
+                return ReadAhead::new(rx, None, hint).boxed();
+            }
+        }
     }
-    .boxed()
+    ReadAhead::new(rx, rest, hint).boxed()
 }
 
 /// Reads the upstream body into charged frames until it ends, the client side goes away,
@@ -168,9 +244,9 @@ async fn pump(
     mut body: Incoming,
     budget: Arc<ResponseBudget>,
     per_response: u64,
+    mut taken: u64,
     tx: mpsc::UnboundedSender<Msg>,
 ) {
-    let mut taken = 0u64;
     loop {
         let frame = tokio::select! {
             // The client is gone: stop reading (the upstream connection closes).
@@ -222,6 +298,17 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
+    fn new(rx: mpsc::UnboundedReceiver<Msg>, rest: Option<Incoming>, hint: SizeHint) -> Self {
+        ReadAhead {
+            rx,
+            rest,
+            window: Arc::new(Window::default()),
+            left: hint.exact(),
+            hint,
+            ended: false,
+        }
+    }
+
     fn sent(&mut self, frame: &Result<Frame<Bytes>, BoxError>) {
         if let (Some(left), Ok(frame)) = (self.left.as_mut(), frame) {
             if let Some(data) = frame.data_ref() {
