@@ -334,6 +334,55 @@ pub async fn instructions(args: InstrArgs) -> anyhow::Result<String> {
             "/down/score",
         )?,
     ];
+    // Issue 15's cost: a 2 KiB answer validated against the example schema, and 10% of
+    // the requests mirrored to a shadow (the same mock), against the same answer unchecked.
+    let schema = std::env::current_dir()?.join("config/schemas/recommendations.json");
+    if schema.is_file() {
+        let checked = |shadow: bool| {
+            format!(
+                "[[routes]]\nname = \"checked\"\npath_prefix = \"/checked/\"\nupstream = \"ai\"\n\
+                 timeout_ms = 2000\nmodel_version_header = \"x-model-version\"\nresponse_schema = \"{}\"\n{}",
+                schema.display(),
+                if shadow {
+                    "shadow = { upstream = \"ai\", percent = 10, compare_pointer = \"/items\" }\n"
+                } else {
+                    ""
+                }
+            )
+        };
+        targets.push(breakwater_target(
+            "breakwater, 2 KiB answer",
+            &args,
+            &dir,
+            mock_addr,
+            "",
+            false,
+            "/recommend/2048",
+        )?);
+        targets.push(breakwater_target(
+            "breakwater + response_schema, 2 KiB answer",
+            &args,
+            &dir,
+            mock_addr,
+            &checked(false),
+            false,
+            "/checked/recommend/2048",
+        )?);
+        targets.push(breakwater_target(
+            "breakwater + response_schema + 10% shadow, 2 KiB answer",
+            &args,
+            &dir,
+            mock_addr,
+            &checked(true),
+            false,
+            "/checked/recommend/2048",
+        )?);
+    } else {
+        eprintln!(
+            "{} not found (run from the repository root): the response_schema rows are left out",
+            schema.display()
+        );
+    }
     for (name, bin) in [("nginx 1 worker", "nginx"), ("HAProxy 1 thread", "haproxy")] {
         if let Some(t) = peer_target(name, bin, &dir, mock_addr)? {
             targets.push(t);

@@ -9,7 +9,8 @@
 //! Default answer: 200 JSON `{"model":{"version":V},"method","path","items":[1,2,3],
 //! "echo_len"}` with `x-model-version: V`. Paths: `/bytes/N` streams N bytes in 64 KiB
 //! chunks, `/status/N` answers N, `/echo` echoes the body, `/headers` answers the request
-//! headers, `/slow/MS` sleeps MS first.
+//! headers, `/slow/MS` sleeps MS first, `[/PREFIX]/recommend/N` answers about N bytes of
+//! recommendations that match `config/schemas/recommendations.json`.
 //!
 //! Replays (requests with `x-breakwater-replay: 1`, breakwater's replay marker) are timed:
 //! `max_replays_per_s()` is the most seen in any 1 s window, the figure a fleet's shared
@@ -716,12 +717,42 @@ async fn route(
                 serde_json::to_vec(&map).unwrap_or_default(),
             )
         }
+        // `/recommend/N` (also under a prefix, `/checked/recommend/N`): a recommendations
+        // answer of about N bytes that matches config/schemas/recommendations.json.
+        [.., "recommend", n] => full(
+            200,
+            "application/json",
+            recommendations(version, n.parse().unwrap_or(2048)),
+        ),
         ["slow", ms] => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             default_answer(parts, path, &body, version)
         }
         _ => default_answer(parts, path, &body, version),
     }
+}
+
+/// `{"model":{"version"},"items":[{"course","score","reason"}...]}` of about `bytes` bytes
+/// (at most 50 items, the schema's limit).
+pub fn recommendations(version: &str, bytes: usize) -> String {
+    let mut out = format!(
+        "{{\"model\":{{\"version\":{}}},\"items\":[",
+        serde_json::Value::from(version)
+    );
+    let mut i = 0;
+    while out.len() + 2 < bytes && i < 50 {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{{\"course\":\"CS-{:04}\",\"score\":0.{:02},\"reason\":\"chosen by students with a similar record\"}}",
+            1000 + i,
+            (97 - i) % 100
+        ));
+        i += 1;
+    }
+    out.push_str("]}");
+    out
 }
 
 fn default_answer(
