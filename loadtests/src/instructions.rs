@@ -369,7 +369,7 @@ pub async fn instructions(args: InstrArgs) -> anyhow::Result<String> {
             "/checked/recommend/2048",
         )?);
         targets.push(breakwater_target(
-            "breakwater + response_schema + 10% shadow, 2 KiB answer",
+            "breakwater + response_schema + 10% shadow (same mock: equal answers), 2 KiB answer",
             &args,
             &dir,
             mock_addr,
