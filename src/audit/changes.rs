@@ -14,6 +14,8 @@ pub const CHANGE_EVENTS: &[&str] = &[
     "canary_rollback",
     "unapproved_version",
     "rto_exceeded",
+    "route_degraded",
+    "route_recovered",
 ];
 
 /// One row of the trail.
@@ -73,7 +75,7 @@ fn short(hash: &Option<String>) -> &str {
 }
 
 /// The details that are not already columns, as `key=value` pairs.
-fn details(detail: &serde_json::Value) -> String {
+pub(crate) fn details(detail: &serde_json::Value) -> String {
     let Some(obj) = detail.as_object() else {
         return String::new();
     };
