@@ -1224,7 +1224,7 @@ fn md_escape(s: &str) -> String {
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
-            '\\' | '|' | '`' | '[' | ']' | '*' | '_' => {
+            '\\' | '|' | '`' | '[' | ']' | '*' => {
                 out.push('\\');
                 out.push(c);
             }
