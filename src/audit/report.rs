@@ -214,18 +214,10 @@ pub struct VerifySection {
     pub chain_ok: bool,
     /// The first problem: a broken chain, a forged checkpoint, or none signed by the key.
     pub problem: Option<VerifyError>,
-    /// Checkpoint signatures were checked (`--public-key`), under this key id.
-    pub signed_by: Option<String>,
-    pub files: usize,
-    pub records: u64,
-    pub first_seq: Option<u64>,
-    pub last_seq: Option<u64>,
-    pub last_hash: Option<String>,
-    pub records_lost: u64,
-    pub checkpoints: u64,
-    pub last_checkpoint_seq: Option<u64>,
-    /// Records after the last checkpoint: vouched for by no signature.
-    pub unanchored: u64,
+    /// `audit verify`'s figures (records, seq range, last hash, records lost,
+    /// checkpoints, unanchored tail, `signed_by`); empty when the chain is broken.
+    #[serde(flatten)]
+    pub chain: VerifyReport,
     /// With verified signatures: the time range the signed chain proves.
     pub proved_from: Option<String>,
     pub proved_to: Option<String>,
@@ -359,9 +351,9 @@ impl RowAcc {
 struct Tally {
     routes: BTreeMap<String, RowAcc>,
     versions: BTreeMap<(String, Option<String>, Option<String>), RowAcc>,
-    /// Request records (route, time, outcome) for the timeline, bucketed once the span is
-    /// known.
-    stamps: Vec<(String, Micros, Outcome)>,
+    /// Answers per route and [`SLOT_US`] slot, bucketed once the span is known: memory
+    /// grows with the busy slots, not with the requests (a log may hold months).
+    slots: BTreeMap<String, BTreeMap<Micros, Bucket>>,
     refused: BTreeMap<(String, Option<String>), u64>,
     flagged: BTreeMap<(String, Option<String>), u64>,
     invalid: BTreeMap<(String, Option<String>), u64>,
@@ -370,13 +362,8 @@ struct Tally {
     last: Option<Micros>,
 }
 
-#[derive(Clone, Copy)]
-enum Outcome {
-    Ai,
-    Fallback,
-    Error,
-    Cancelled,
-}
+/// The timeline's resolution before bucketing: 100 ms.
+const SLOT_US: Micros = 100_000;
 
 impl Tally {
     fn saw(&mut self, t: Micros) {
@@ -431,13 +418,18 @@ impl Tally {
                 RowAcc::new(&d.route, d.model_version.as_deref(), d.variant.as_deref())
             })
             .add(d);
-        let outcome = match d.outcome.as_str() {
-            "ai" => Outcome::Ai,
-            "fallback" => Outcome::Fallback,
-            "cancelled" => Outcome::Cancelled,
-            _ => Outcome::Error,
-        };
-        self.stamps.push((d.route.clone(), t, outcome));
+        if !self.slots.contains_key(&d.route) {
+            self.slots.insert(d.route.clone(), BTreeMap::new());
+        }
+        if let Some(slots) = self.slots.get_mut(&d.route) {
+            let b = slots.entry(t - t % SLOT_US).or_default();
+            match d.outcome.as_str() {
+                "ai" => b.ai += 1,
+                "fallback" => b.fallback += 1,
+                "cancelled" => b.cancelled += 1,
+                _ => b.error += 1,
+            }
+        }
     }
 }
 
@@ -546,26 +538,24 @@ fn timeline(tally: &Tally, span: Option<(Micros, Micros)>) -> Vec<RouteTimeline>
         return Vec::new();
     };
     let width = bucket_width(span);
-    let mut out: BTreeMap<&str, Vec<Bucket>> = BTreeMap::new();
-    for (route, t, outcome) in &tally.stamps {
-        let buckets = out
-            .entry(route)
-            .or_insert_with(|| vec![Bucket::default(); BUCKETS]);
-        let i = usize::try_from(t.saturating_sub(span.0) / width).unwrap_or(BUCKETS);
-        let Some(b) = buckets.get_mut(i.min(BUCKETS - 1)) else {
-            continue;
-        };
-        match outcome {
-            Outcome::Ai => b.ai += 1,
-            Outcome::Fallback => b.fallback += 1,
-            Outcome::Error => b.error += 1,
-            Outcome::Cancelled => b.cancelled += 1,
-        }
-    }
-    out.into_iter()
-        .map(|(route, buckets)| RouteTimeline {
-            route: route.to_string(),
-            buckets,
+    tally
+        .slots
+        .iter()
+        .map(|(route, slots)| {
+            let mut buckets = vec![Bucket::default(); BUCKETS];
+            for (slot, n) in slots {
+                let i = usize::try_from(slot.saturating_sub(span.0) / width).unwrap_or(BUCKETS);
+                if let Some(b) = buckets.get_mut(i.min(BUCKETS - 1)) {
+                    b.ai += n.ai;
+                    b.fallback += n.fallback;
+                    b.error += n.error;
+                    b.cancelled += n.cancelled;
+                }
+            }
+            RouteTimeline {
+                route: route.clone(),
+                buckets,
+            }
         })
         .collect()
 }
@@ -761,29 +751,23 @@ fn verify_section(paths: &[PathBuf], key: Option<&PublicKey>) -> VerifySection {
         Err(e) if e.problem == Problem::NoCheckpoint => (verify::verify_paths(paths).ok(), Some(e)),
         Err(e) => (None, Some(e)),
     };
-    let Some(r): Option<VerifyReport> = chain else {
+    let Some(chain) = chain else {
         return VerifySection {
             problem,
-            signed_by: key.map(|k| k.key_id.clone()),
+            chain: VerifyReport {
+                signed_by: key.map(|k| k.key_id.clone()),
+                ..VerifyReport::default()
+            },
             ..VerifySection::default()
         };
     };
-    let signed = key.is_some() && problem.is_none() && r.checkpoints > 0;
+    let signed = key.is_some() && problem.is_none() && chain.checkpoints > 0;
     VerifySection {
         chain_ok: true,
-        signed_by: key.map(|k| k.key_id.clone()),
-        files: r.files,
-        records: r.records,
-        first_seq: r.first_seq,
-        last_seq: r.last_seq,
-        last_hash: r.last_hash.clone(),
-        records_lost: r.records_lost,
-        checkpoints: r.checkpoints,
-        last_checkpoint_seq: r.last_checkpoint_seq,
-        unanchored: r.unanchored,
-        proved_from: r.first_ts.clone().filter(|_| signed),
-        proved_to: r.last_checkpoint_ts.clone().filter(|_| signed),
         problem,
+        proved_from: chain.first_ts.clone().filter(|_| signed),
+        proved_to: chain.last_checkpoint_ts.clone().filter(|_| signed),
+        chain,
     }
 }
 
@@ -936,11 +920,11 @@ fn verify_text(v: &VerifySection) -> Vec<Block> {
     if v.chain_ok {
         out.push(Block::Text(format!(
             "Chain intact: {} record(s) in {} file(s), seq {}..{}, last hash {}.",
-            v.records,
-            v.files,
-            seq(v.first_seq),
-            seq(v.last_seq),
-            dash(v.last_hash.as_deref())
+            v.chain.records,
+            v.chain.files,
+            seq(v.chain.first_seq),
+            seq(v.chain.last_seq),
+            dash(v.chain.last_hash.as_deref())
         )));
     } else {
         out.push(Block::Text(
@@ -951,27 +935,27 @@ fn verify_text(v: &VerifySection) -> Vec<Block> {
     if let Some(p) = &v.problem {
         out.push(Block::Text(format!("Problem: {p}")));
     }
-    if v.records_lost > 0 {
+    if v.chain.records_lost > 0 {
         out.push(Block::Text(format!(
             "WARNING: the chain says {} decision record(s) were lost (records_lost events).",
-            v.records_lost
+            v.chain.records_lost
         )));
     }
-    match (&v.signed_by, &v.proved_from) {
+    match (&v.chain.signed_by, &v.proved_from) {
         (Some(key), Some(from)) => out.push(Block::Text(format!(
             "Signed: {} checkpoint(s) verified under key {key}; the log proves {from} .. {} (seq {}..{}). Unanchored tail: {} record(s) after the last checkpoint.",
-            v.checkpoints,
+            v.chain.checkpoints,
             dash(v.proved_to.as_deref()),
-            seq(v.first_seq),
-            seq(v.last_checkpoint_seq),
-            v.unanchored
+            seq(v.chain.first_seq),
+            seq(v.chain.last_checkpoint_seq),
+            v.chain.unanchored
         ))),
         (Some(key), None) => out.push(Block::Text(format!(
             "No checkpoint verified under key {key}: no signature vouches for this log."
         ))),
         (None, _) => out.push(Block::Text(format!(
             "{} checkpoint(s) found, signatures not checked (give --public-key); unanchored tail: {} record(s).",
-            v.checkpoints, v.unanchored
+            v.chain.checkpoints, v.chain.unanchored
         ))),
     }
     out
@@ -1699,7 +1683,7 @@ mod tests {
     fn the_whole_log_counts_every_answer_once() {
         let r = report_of(&window_log(), Window::default());
         assert!(r.verify.chain_ok, "{:?}", r.verify.problem);
-        assert_eq!(r.verify.records, 33);
+        assert_eq!(r.verify.chain.records, 33);
         let route = &r.routes[0];
         assert_eq!(r.routes.len(), 1);
         assert_eq!(
@@ -1826,7 +1810,7 @@ mod tests {
         assert_eq!(r.window.start.as_deref(), Some(at(21).as_str()));
         assert!((r.window.bucket_s - 0.3).abs() < 1e-9);
         // Verification covers the whole chain, whatever the window.
-        assert_eq!(r.verify.records, 33);
+        assert_eq!(r.verify.chain.records, 33);
     }
 
     #[test]
