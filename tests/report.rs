@@ -304,3 +304,35 @@ async fn the_report_of_a_rollback_and_an_outage_matches_what_the_client_saw() {
     assert!(md.contains("## Canary rollbacks"));
     assert!(html.contains("<svg") && !html.contains("<script"));
 }
+
+/// A log that is not there and a directory that cannot be made: exit 1, saying which.
+#[test]
+fn a_missing_log_or_an_unwritable_dir_fails_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = |log: &Path, out: &Path| {
+        let out = Command::new(breakwater_bin())
+            .args(["audit", "report"])
+            .arg(log)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let missing = dir.path().join("nowhere.jsonl");
+    let (code, err) = report(&missing, &dir.path().join("out"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("nowhere.jsonl not found"), "{err}");
+    assert!(!dir.path().join("out").exists());
+
+    let log = dir.path().join("decisions.jsonl");
+    std::fs::write(&log, "").unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, err) = report(&log, &file.join("out"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot write the report into"), "{err}");
+}

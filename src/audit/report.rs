@@ -1813,6 +1813,53 @@ mod tests {
         assert_eq!(r.verify.chain.records, 33);
     }
 
+    /// Logs older than route_degraded / route_recovered, and a process that stopped while
+    /// degraded: the episodes are still there, marked for what they are.
+    #[test]
+    fn episodes_without_their_start_or_end_are_inferred_or_cut() {
+        let log = chain(vec![
+            // An old log: only the RTO crossing (6 s into the episode) and no recovery.
+            event(
+                10,
+                "rto_exceeded",
+                json!({"route": "old", "rto_s": 5, "degraded_s": 6}),
+            ),
+            // Degraded, then the process stopped: the next start cuts the first episode.
+            event(20, "route_degraded", json!({"route": "cut", "rto_s": 60})),
+            event(23, "log_resumed", json!({})),
+            event(24, "route_degraded", json!({"route": "cut", "rto_s": 60})),
+            event(
+                26,
+                "route_recovered",
+                json!({"route": "cut", "degraded_s": 2.0, "rto_s": 60, "exceeded": false}),
+            ),
+            decision(30, "ai", Some("v1"), 1000),
+        ]);
+        let r = report_of(&log, Window::default());
+        let e: Vec<(&str, f64, bool, bool, bool)> = r
+            .episodes
+            .iter()
+            .map(|e| {
+                (
+                    e.route.as_str(),
+                    e.degraded_s,
+                    e.open,
+                    e.exceeded,
+                    e.inferred,
+                )
+            })
+            .collect();
+        assert_eq!(
+            e,
+            [
+                // From 6 s before its crossing (4 s) to the last record (30 s).
+                ("old", 26.0, true, true, true),
+                ("cut", 4.0, true, false, false),
+                ("cut", 2.0, false, false, false),
+            ]
+        );
+    }
+
     #[test]
     fn a_broken_chain_is_reported_not_refused() {
         let log = window_log().replacen("\"rec-v8\"", "\"rec-v1\"", 1);
