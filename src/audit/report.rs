@@ -1,8 +1,8 @@
 //! `breakwater audit report`: the patch-window evidence report (issue 15), built from the
 //! decision-log chain alone, off the request path.
 //!
-//! [`build`] reads the chain once for the decisions, takes the change events from
-//! [`changes::changes`] and the verify result from [`verify::verify_signed`], and
+//! [`build`] reads the chain once for the decisions, takes the change and episode events
+//! from [`changes::events`] (as `audit changes` reads them) and the verify result from [`verify::verify_signed`], and
 //! aggregates them into a [`Report`]; [`markdown`], [`html`] and [`json`] only render it,
 //! and [`write`] puts the three files into a directory. Every text that comes from the log
 //! (route names from config, paths and versions from clients and AI services) is escaped
@@ -24,7 +24,8 @@ pub const BUCKETS: usize = 20;
 /// Version of report.json's layout; bumped when a key changes meaning or goes away.
 pub const REPORT_V: u32 = 1;
 
-/// The events this report reads besides decisions.
+/// The changes of the report's change trail: the ones an operator makes, with an actor and
+/// config hashes (the other change events have sections of their own).
 const CONFIG_CHANGES: &[&str] = &["config_reload", "admin_change"];
 
 /// The time window of the report, both ends inclusive; open ends take the whole log.
@@ -460,9 +461,14 @@ pub fn build(
             }
         }
     }
-    // Every change event, the window's and the ones before it: an episode may have started
-    // before `since`.
-    let all = changes::changes(paths, None)?;
+    // Every change and episode event, the window's and the ones before it: an episode may
+    // have started before `since`.
+    let wanted: Vec<&str> = changes::CHANGE_EVENTS
+        .iter()
+        .chain(changes::EPISODE_EVENTS)
+        .copied()
+        .collect();
+    let all = changes::events(paths, None, &wanted)?;
     let in_window = |c: &&Change| parse_ts(&c.ts).is_some_and(|t| window.contains(t));
     let of = |event: &str| -> Vec<Change> {
         all.iter()
