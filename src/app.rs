@@ -466,8 +466,10 @@ async fn route_gauges(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     }
 }
 
-/// One tick of a route's degraded episode: the gauge, and exactly one `rto_exceeded` event
-/// and error log per episode that outlasts `rto_s`.
+/// One tick of a route's degraded episode: the gauge; a `route_degraded` event when it
+/// starts and a `route_recovered` event when it ends (so degraded time is provable from the
+/// chain alone, `audit report`); and exactly one `rto_exceeded` event and error log per
+/// episode that outlasts `rto_s`.
 fn track_rto(
     proxy: &Proxy,
     name: &str,
@@ -480,39 +482,60 @@ fn track_rto(
     let rto = route.and_then(|r| r.rto);
     let step = state.episode.observe(degraded, rto, now);
     let lasted = match step {
-        Step::Healthy | Step::Recovered { .. } => 0.0,
+        Step::Healthy | Step::Started | Step::Recovered { .. } => 0.0,
         Step::Degraded(d) | Step::Exceeded(d) => d.as_secs_f64(),
     };
     metrics::gauge!(telemetry::DEGRADED_EPISODE_SECONDS, "route" => name.to_string()).set(lasted);
+    let rto_s = rto.map(|r| r.as_secs());
+    let criticality = route.map(|r| r.criticality.as_str()).unwrap_or("medium");
+    // What the route looks like now: why it is degraded, under which config.
+    let situation = |event: &str, degraded_s: Option<u64>| {
+        if let Some(events) = proxy.shared.events() {
+            let mut detail = serde_json::json!({
+                "route": name,
+                "criticality": criticality,
+                "rto_s": rto_s,
+                "breaker_state": state.breaker.as_ref().map(|b| b.state(now).as_str()),
+                "ai_enabled": state.ai.enabled(),
+                "unapproved": state.unapproved.get(),
+                "config_hash": proxy.snapshot().config.hash,
+            });
+            if let (Some(d), Some(obj)) = (degraded_s, detail.as_object_mut()) {
+                obj.insert("degraded_s".into(), d.into());
+            }
+            events.emit(event, detail, None);
+        }
+    };
     match step {
+        Step::Started => {
+            tracing::warn!(route = %name, ?rto_s, criticality, "route degraded");
+            situation("route_degraded", None);
+        }
         Step::Exceeded(d) => {
-            let rto_s = rto.map(|r| r.as_secs()).unwrap_or_default();
-            let criticality = route.map(|r| r.criticality.as_str()).unwrap_or("medium");
+            let rto_s = rto_s.unwrap_or_default();
             tracing::error!(route = %name, degraded_s = d.as_secs(), rto_s, criticality, "route degraded for longer than its RTO");
+            situation("rto_exceeded", Some(d.as_secs()));
+        }
+        Step::Recovered { lasted, exceeded } => {
+            if exceeded {
+                tracing::warn!(route = %name, degraded_s = lasted.as_secs(), "route recovered after exceeding its RTO");
+            } else {
+                tracing::info!(route = %name, degraded_s = lasted.as_secs(), "route recovered");
+            }
             if let Some(events) = proxy.shared.events() {
                 events.emit(
-                    "rto_exceeded",
+                    "route_recovered",
                     serde_json::json!({
                         "route": name,
-                        "criticality": criticality,
+                        "degraded_s": lasted.as_secs_f64(),
                         "rto_s": rto_s,
-                        "degraded_s": d.as_secs(),
-                        "breaker_state": state.breaker.as_ref().map(|b| b.state(now).as_str()),
-                        "ai_enabled": state.ai.enabled(),
-                        "unapproved": state.unapproved.get(),
-                        "config_hash": proxy.snapshot().config.hash,
+                        "exceeded": exceeded,
                     }),
                     None,
                 );
             }
         }
-        Step::Recovered {
-            lasted,
-            exceeded: true,
-        } => {
-            tracing::warn!(route = %name, degraded_s = lasted.as_secs(), "route recovered after exceeding its RTO");
-        }
-        _ => {}
+        Step::Healthy | Step::Degraded(_) => {}
     }
 }
 

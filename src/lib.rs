@@ -41,6 +41,9 @@ pub mod cli {
     pub use crate::audit::changes::{changes as audit_changes, table as changes_table};
     pub use crate::audit::checkpoint::{keygen, PublicKey};
     pub use crate::audit::collect::{run as audit_collect, CollectSettings, CollectSummary};
+    pub use crate::audit::report::{
+        build as audit_report, write as write_report, Window as ReportWindow,
+    };
     pub use crate::audit::verify::verify_signed;
     pub use crate::audit::{find_request, verify_paths};
     pub use crate::dlq::envelope::MAX_SPOOLED_BODY;

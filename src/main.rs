@@ -79,6 +79,25 @@ enum AuditCommand {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Write the patch-window evidence report into --out: report.md, report.html
+    /// (self-contained: inline CSS and SVG, no script, no URL) and report.json, from the
+    /// chain alone: traffic per route and model version, canary rollbacks, unapproved
+    /// versions, schema violations, degraded time against the RTO, DLQ, changes, verify.
+    Report {
+        paths: Vec<PathBuf>,
+        /// Only records at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records at or before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// The writer's `signing.pub`: check the checkpoints' signatures too.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// Directory of the three files (made if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a new checkpoint signing key pair into DIR: signing.key (0600, for
     /// `[audit] signing_key_file`) and signing.pub (for `audit verify --public-key`).
     Keygen { dir: PathBuf },
@@ -288,17 +307,13 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Verify { paths, .. }
         | AuditCommand::Find { paths, .. }
         | AuditCommand::Changes { paths, .. }
+        | AuditCommand::Report { paths, .. }
             if paths.is_empty() =>
         {
             anyhow::bail!("give at least one decision log file or directory")
         }
         AuditCommand::Changes { paths, since } => {
-            let since = since
-                .map(|t| {
-                    humantime::parse_rfc3339_weak(&t)
-                        .with_context(|| format!("--since: not an RFC 3339 time: {t:?}"))
-                })
-                .transpose()?;
+            let since = parse_time("--since", since)?;
             let changes = breakwater::cli::audit_changes(&paths, since)?;
             out.write_all(breakwater::cli::changes_table(&changes).as_bytes())?;
             Ok(ExitCode::SUCCESS)
@@ -316,13 +331,35 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Verify { paths, public_key } => {
-            let key = match &public_key {
-                Some(file) => {
-                    Some(breakwater::cli::PublicKey::load(file).map_err(|e| anyhow::anyhow!(e))?)
-                }
-                None => None,
-            };
+            let key = load_key(public_key.as_deref())?;
             verify(&mut out, &paths, key.as_ref())
+        }
+        AuditCommand::Report {
+            paths,
+            since,
+            until,
+            public_key,
+            out: dir,
+        } => {
+            let window = breakwater::cli::ReportWindow {
+                since: parse_time("--since", since)?,
+                until: parse_time("--until", until)?,
+            };
+            if let (Some(since), Some(until)) = (window.since, window.until) {
+                anyhow::ensure!(since <= until, "--since is after --until");
+            }
+            let key = load_key(public_key.as_deref())?;
+            let report = breakwater::cli::audit_report(&paths, window, key.as_ref())
+                .context("cannot read the decision log")?;
+            let written = breakwater::cli::write_report(&report, &dir)
+                .with_context(|| format!("cannot write the report into {}", dir.display()))?;
+            for file in [&written.markdown, &written.html, &written.json] {
+                writeln!(out, "{}", file.display())?;
+            }
+            if !report.verify.chain_ok {
+                eprintln!("breakwater: WARNING: the chain is broken; the report says where");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Collect {
             amqp,
@@ -409,6 +446,21 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// An optional RFC 3339 time given to `flag`.
+fn parse_time(flag: &str, t: Option<String>) -> anyhow::Result<Option<std::time::SystemTime>> {
+    t.map(|t| {
+        humantime::parse_rfc3339_weak(&t)
+            .with_context(|| format!("{flag}: not an RFC 3339 time: {t:?}"))
+    })
+    .transpose()
+}
+
+/// The checkpoint public key of `--public-key`, if given.
+fn load_key(file: Option<&std::path::Path>) -> anyhow::Result<Option<breakwater::cli::PublicKey>> {
+    file.map(|f| breakwater::cli::PublicKey::load(f).map_err(|e| anyhow::anyhow!(e)))
+        .transpose()
 }
 
 fn spool(command: SpoolCommand) -> anyhow::Result<ExitCode> {

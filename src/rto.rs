@@ -26,6 +26,9 @@ struct State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Healthy,
+    /// The first degraded observation: an episode starts now (written to the chain as
+    /// `route_degraded`, so degraded time is provable from the log alone).
+    Started,
     /// Degraded for this long, within the RTO (or no RTO set).
     Degraded(Duration),
     /// Degraded for this long and the RTO was just crossed: report it (once per episode).
@@ -52,8 +55,12 @@ impl Episode {
                 *s = State::default();
                 step
             }
-            (true, since) => {
-                let since = *s.since.get_or_insert(since.unwrap_or(now));
+            (true, None) => {
+                // rto_s is at least 1 s (validate), so the start never crosses it.
+                s.since = Some(now);
+                Step::Started
+            }
+            (true, Some(since)) => {
                 let lasted = now.saturating_duration_since(since);
                 if !s.exceeded && rto.is_some_and(|rto| lasted >= rto) {
                     s.exceeded = true;
@@ -83,7 +90,7 @@ mod tests {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert_eq!(e.observe(false, rto, at(0)), Step::Healthy);
-        assert_eq!(e.observe(true, rto, at(1)), Step::Degraded(Duration::ZERO));
+        assert_eq!(e.observe(true, rto, at(1)), Step::Started);
         assert_eq!(
             e.observe(true, rto, at(10)),
             Step::Degraded(Duration::from_secs(9))
@@ -106,7 +113,7 @@ mod tests {
         );
         assert_eq!(e.degraded_for(at(31)), None);
         // A second episode crosses again.
-        e.observe(true, rto, at(40));
+        assert_eq!(e.observe(true, rto, at(40)), Step::Started);
         assert_eq!(
             e.observe(true, rto, at(50)),
             Step::Exceeded(Duration::from_secs(10))
@@ -118,5 +125,27 @@ mod tests {
             e.observe(true, None, at(1000)),
             Step::Degraded(Duration::from_secs(1000))
         );
+    }
+
+    #[test]
+    fn an_episode_says_when_it_starts_once() {
+        let e = Episode::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(e.observe(false, None, at(0)), Step::Healthy);
+        assert_eq!(e.observe(true, None, at(1)), Step::Started);
+        assert_eq!(e.degraded_for(at(1)), Some(Duration::ZERO));
+        assert_eq!(
+            e.observe(true, None, at(2)),
+            Step::Degraded(Duration::from_secs(1))
+        );
+        assert_eq!(
+            e.observe(false, None, at(4)),
+            Step::Recovered {
+                lasted: Duration::from_secs(3),
+                exceeded: false
+            }
+        );
+        assert_eq!(e.observe(true, None, at(5)), Step::Started);
     }
 }

@@ -812,21 +812,6 @@ async fn a_full_disk_loses_records_only_counted_and_chained_and_shutdown_keeps_i
     );
 }
 
-/// `audit keygen DIR`: the key pair's paths.
-fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
-    let out = Command::new(breakwater_bin())
-        .args(["audit", "keygen"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "keygen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir.join("signing.key"), dir.join("signing.pub"))
-}
-
 /// `audit verify --public-key`: its exit code and output.
 fn verify_signed(path: &Path, public: &Path) -> (i32, String) {
     let out = Command::new(breakwater_bin())

@@ -16,6 +16,10 @@ pub const CHANGE_EVENTS: &[&str] = &[
     "rto_exceeded",
 ];
 
+/// The start and end of a degraded episode: facts about a route, not changes, so they stay
+/// out of the trail; `audit report` reads them with [`events`] to prove degraded time.
+pub const EPISODE_EVENTS: &[&str] = &["route_degraded", "route_recovered"];
+
 /// One row of the trail.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Change {
@@ -31,6 +35,15 @@ pub struct Change {
 /// The change events in `paths` (files or directories, rotated files included), oldest
 /// first; with `since`, only those made at or after it.
 pub fn changes(paths: &[PathBuf], since: Option<SystemTime>) -> std::io::Result<Vec<Change>> {
+    events(paths, since, CHANGE_EVENTS)
+}
+
+/// The events named in `wanted` in `paths`, oldest first, as [`changes`] reads them.
+pub fn events(
+    paths: &[PathBuf],
+    since: Option<SystemTime>,
+    wanted: &[&str],
+) -> std::io::Result<Vec<Change>> {
     let mut out = Vec::new();
     for file in chain_files(paths)? {
         let bytes = std::fs::read(&file)?;
@@ -43,7 +56,7 @@ pub fn changes(paths: &[PathBuf], since: Option<SystemTime>) -> std::io::Result<
                 continue;
             };
             let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            let Some(event) = text("event").filter(|e| CHANGE_EVENTS.contains(&e.as_str())) else {
+            let Some(event) = text("event").filter(|e| wanted.contains(&e.as_str())) else {
                 continue;
             };
             let ts = text("ts").unwrap_or_default();
@@ -73,7 +86,7 @@ fn short(hash: &Option<String>) -> &str {
 }
 
 /// The details that are not already columns, as `key=value` pairs.
-fn details(detail: &serde_json::Value) -> String {
+pub(crate) fn details(detail: &serde_json::Value) -> String {
     let Some(obj) = detail.as_object() else {
         return String::new();
     };

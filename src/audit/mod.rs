@@ -2,7 +2,7 @@
 //! change event), tagged with the model version, written off the request path.
 //!
 //! `record` holds the formats and the hash chain, `writer` the background writer, `verify`
-//! the checks behind `breakwater audit verify` / `audit find`, `collect` the central
+//! the checks behind `breakwater audit verify` / `audit find`, `report` the patch-window evidence report (`audit report`), `collect` the central
 //! collection of the copies `publish` sends to RabbitMQ.
 
 pub mod changes;
@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod collect;
 pub mod publish;
 pub mod record;
+pub mod report;
 pub mod verify;
 pub mod writer;
 

@@ -256,6 +256,21 @@ pub fn breakwater_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_breakwater"))
 }
 
+/// `breakwater audit keygen DIR`: the key pair's paths (signing.key, signing.pub).
+pub fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = std::process::Command::new(breakwater_bin())
+        .args(["audit", "keygen"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.join("signing.key"), dir.join("signing.pub"))
+}
+
 /// breakwater as a real process on fixed free ports, for tests that kill -9 it.
 pub struct ProcessProxy {
     pub port: u16,
