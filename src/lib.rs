@@ -24,6 +24,8 @@ pub(crate) mod fallback;
 /// Entry points for the `cargo fuzz` targets in `fuzz/`: not a stable API.
 #[doc(hidden)]
 pub mod fuzzing;
+/// `response_schema` on a simd-json tape (public for the cost benchmark in loadtests).
+pub mod json_tape;
 pub(crate) mod layers;
 pub(crate) mod otel;
 pub(crate) mod private_fs;

@@ -264,7 +264,8 @@ impl Approval {
 pub struct ResponseSchema {
     /// The file it was read from, for messages.
     pub file: String,
-    pub validator: jsonschema::Validator,
+    /// Validates answers parsed onto a simd-json tape (`crate::json_tape`).
+    pub validator: jsonschema::Validator<crate::json_tape::Tape>,
 }
 
 impl fmt::Debug for ResponseSchema {

@@ -933,7 +933,7 @@ fn compile_schema(e: &mut Errors, file: &str, path: &str) -> Option<ResponseSche
             return None;
         }
     };
-    match jsonschema::validator_for(&schema) {
+    match jsonschema::options_for::<crate::json_tape::Tape>().build(&schema) {
         Ok(validator) => Some(ResponseSchema {
             file: file.to_string(),
             validator,

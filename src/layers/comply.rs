@@ -219,19 +219,19 @@ pub(crate) fn check_schema(
 ) -> Result<(), String> {
     let verdict = match body {
         None => Err("the answer is larger than max_response_buffer_bytes".to_string()),
-        Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-            Err(e) => Err(format!("not JSON: {e}")),
-            Ok(value) => match schema.validator.validate(&value) {
-                Ok(()) => Ok(()),
+        Some(bytes) => crate::json_tape::with_tape(bytes, |root| {
+            schema.validator.validate(root).map_err(|e| {
                 // Paths only: the message may reach the client and the logs, and the
                 // answer's values are what must not leak.
-                Err(e) => Err(format!(
+                format!(
                     "at \"{}\" (schema rule \"{}\")",
                     e.instance_path(),
                     e.schema_path()
-                )),
-            },
-        },
+                )
+            })
+        })
+        .map_err(|e| format!("not JSON: {e}"))
+        .and_then(|verdict| verdict),
     };
     verdict.inspect_err(|why| {
         metrics::counter!(telemetry::SCHEMA_VIOLATIONS_TOTAL, "route" => route.to_string()).increment(1);

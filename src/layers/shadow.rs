@@ -483,7 +483,9 @@ impl Mirror {
 pub fn agrees(primary: &[u8], candidate: &[u8], pointer: Option<&str>) -> bool {
     // The same bytes agree at any pointer (both JSON, or both the same non-JSON body
     // without one): no parse.
-    if primary == candidate && (pointer.is_none() || serde_json::from_slice::<serde::de::IgnoredAny>(primary).is_ok()) {
+    if primary == candidate
+        && (pointer.is_none() || serde_json::from_slice::<serde::de::IgnoredAny>(primary).is_ok())
+    {
         return true;
     }
     let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
