@@ -446,7 +446,7 @@ impl Mirror {
     async fn call(&self, req: &http::Request<Bytes>) -> Result<Candidate, Option<String>> {
         let (resp, _) = self.candidate.send(req).await.map_err(|_| None)?;
         let status = resp.status();
-        let mut version = self.header_version(resp.headers());
+        let mut version = crate::proxy::forward::header_version(&self.route, resp.headers());
         if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
             return Err(version);
         }
@@ -465,15 +465,6 @@ impl Mirror {
             version,
             body,
         })
-    }
-
-    fn header_version(&self, headers: &http::HeaderMap) -> Option<String> {
-        self.route
-            .model_version_header
-            .as_ref()
-            .and_then(|h| headers.get(h))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
     }
 }
 

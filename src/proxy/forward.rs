@@ -175,13 +175,18 @@ impl ForwardInner {
     }
 
     fn header_version(&self, headers: &http::HeaderMap) -> Option<String> {
-        self.route
-            .model_version_header
-            .as_ref()
-            .and_then(|h| headers.get(h))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+        header_version(&self.route, headers)
     }
+}
+
+/// The model version the AI reported in the route's `model_version_header`.
+pub(crate) fn header_version(route: &RouteConfig, headers: &http::HeaderMap) -> Option<String> {
+    route
+        .model_version_header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// `Retry-After` as delta-seconds or an HTTP-date.
