@@ -503,6 +503,13 @@ async fn kill_9_mid_burst_then_restart_delivers_every_acknowledged_message() {
     let queue = format!("breakwater.dlq.{route}");
     let mut seen: HashMap<String, HashSet<String>> = HashMap::new();
     for _ in 0..300 {
+        // When every acknowledged request was spooled before the kill, the queue is only
+        // declared once the restarted drainer connects: consuming before that would close
+        // the test's channel with NOT_FOUND.
+        if !rabbit::exists(&conn, &queue).await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         for m in rabbit::drain(&ch, &queue).await {
             let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
             seen.entry(v["request_id"].as_str().unwrap().to_string())

@@ -59,6 +59,24 @@ pub async fn depth(conn: &Connection, queue: &str) -> u32 {
     d
 }
 
+/// Whether `queue` has been declared (by breakwater or anyone). A fresh channel: a passive
+/// declare of a missing queue closes the channel it runs on.
+pub async fn exists(conn: &Connection, queue: &str) -> bool {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return false;
+    };
+    let found = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok();
+    let _ = ch.close(200, "done".into()).await;
+    found
+}
+
 /// Waits until `queue` holds at least `n` messages.
 pub async fn wait_depth(conn: &Connection, queue: &str, n: u32, within: Duration) -> u32 {
     let deadline = tokio::time::Instant::now() + within;
