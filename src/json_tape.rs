@@ -152,6 +152,25 @@ impl<'a> Node<'a, Tape> for TapeNode<'a> {
         }
     }
 
+    /// A string of `b` bytes has between `b / 4` (rounded up) and `b` code points: most
+    /// `minLength` / `maxLength` checks are decided by its byte length without counting.
+    fn string_length_within(&self, min: u64, max: u64) -> Option<bool> {
+        let s = match self.0.first()? {
+            T::String(s) => *s,
+            _ => return None,
+        };
+        let bytes = s.len() as u64;
+        let fewest = bytes.div_ceil(4);
+        if bytes < min || fewest > max {
+            return Some(false);
+        }
+        if fewest >= min && bytes <= max {
+            return Some(true);
+        }
+        let chars = s.chars().count() as u64;
+        Some((min..=max).contains(&chars))
+    }
+
     fn as_number(&self) -> Option<TapeNumber> {
         match self.0.first()? {
             T::Static(StaticNode::I64(n)) => Some(TapeNumber::I64(*n)),
@@ -342,18 +361,41 @@ pub fn with_tape<R>(body: &[u8], f: impl FnOnce(TapeNode<'_>) -> R) -> Result<R,
     })
 }
 
-fn check_depth(tape: &[T<'_>]) -> Result<(), String> {
-    // Where each open container ends, innermost last.
-    let mut ends: Vec<usize> = Vec::new();
-    for (i, node) in tape.iter().enumerate() {
-        while ends.last().is_some_and(|&end| end <= i) {
-            ends.pop();
+/// `validator`'s verdict on `body`: `Err` names the first error's instance and schema
+/// paths (never the answer's values, which may reach the client and the logs), or why the
+/// body is not JSON. `is_valid` takes jsonschema's fast paths (no locations kept, early
+/// exits); only an invalid answer is walked again for the path of its first error.
+pub fn check(validator: &jsonschema::Validator<Tape>, body: &[u8]) -> Result<(), String> {
+    with_tape(body, |root| {
+        if validator.is_valid(root) {
+            return Ok(());
         }
-        if matches!(node, T::Object { .. } | T::Array { .. }) {
-            ends.push(i + span(node));
-            if ends.len() > MAX_DEPTH {
+        validator.validate(root).map_err(|e| {
+            format!(
+                "at \"{}\" (schema rule \"{}\")",
+                e.instance_path(),
+                e.schema_path()
+            )
+        })
+    })
+    .map_err(|e| format!("not JSON: {e}"))
+    .and_then(|verdict| verdict)
+}
+
+fn check_depth(tape: &[T<'_>]) -> Result<(), String> {
+    // Where each open container ends, innermost last (on the stack: no allocation).
+    let mut ends = [0usize; MAX_DEPTH];
+    let mut open = 0;
+    for (i, node) in tape.iter().enumerate() {
+        if let T::Object { count, .. } | T::Array { count, .. } = node {
+            while open > 0 && ends[open - 1] <= i {
+                open -= 1;
+            }
+            if open == MAX_DEPTH {
                 return Err(format!("nested deeper than {MAX_DEPTH} levels"));
             }
+            ends[open] = i + count + 1;
+            open += 1;
         }
     }
     Ok(())
@@ -404,6 +446,11 @@ mod tests {
             "\"ab\"",
             "\"\\u00e9t\\u00e9\"",
             "\"abcd\"",
+            // Multi-byte strings: the byte length alone does not decide min/maxLength.
+            r#""\u00e9\u00e9\u00e9\u00e9""#,
+            r#""\ud83d\ude00""#,
+            r#""\ud83d\ude00\ud83d\ude00""#,
+            r#""a\ud83d\ude00\ud83d\ude00""#,
             "true",
             "null",
             "[]",
@@ -434,6 +481,12 @@ mod tests {
                 })
                 .unwrap();
                 assert_eq!(got, want, "schema {schema} on {instance}");
+                // The request path's check (is_valid first) gives the same verdict.
+                assert_eq!(
+                    check(&tape, instance.as_bytes()).is_ok(),
+                    want.is_ok(),
+                    "check(): schema {schema} on {instance}"
+                );
             }
         }
     }
