@@ -25,6 +25,7 @@ pub(crate) mod fallback;
 #[doc(hidden)]
 pub mod fuzzing;
 /// `response_schema` on a simd-json tape (public for the cost benchmark in loadtests).
+pub mod json_pointer;
 pub mod json_tape;
 pub(crate) mod layers;
 pub(crate) mod otel;
@@ -43,6 +44,8 @@ pub mod cli {
     pub use crate::audit::changes::{changes as audit_changes, table as changes_table};
     pub use crate::audit::checkpoint::{keygen, PublicKey};
     pub use crate::audit::collect::{run as audit_collect, CollectSettings, CollectSummary};
+    /// The decision log's `SHA-256(prev_hash || canonical)`, as `audit verify` recomputes it.
+    pub use crate::audit::record::chain_hash;
     pub use crate::audit::report::{
         build as audit_report, write as write_report, Window as ReportWindow,
     };

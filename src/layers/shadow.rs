@@ -468,31 +468,7 @@ impl Mirror {
     }
 }
 
-/// Whether two answers agree at `pointer` (the whole document without one). JSON is
-/// compared as values (key order and spacing do not matter); a body that is not JSON is
-/// compared byte for byte when there is no pointer, and disagrees when there is one.
-pub fn agrees(primary: &[u8], candidate: &[u8], pointer: Option<&str>) -> bool {
-    // The same bytes agree at any pointer (both JSON, or both the same non-JSON body
-    // without one): no parse.
-    if primary == candidate
-        && (pointer.is_none() || serde_json::from_slice::<serde::de::IgnoredAny>(primary).is_ok())
-    {
-        return true;
-    }
-    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
-    match (parse(primary), parse(candidate)) {
-        (Some(a), Some(b)) => match pointer {
-            None => a == b,
-            Some(p) => match (a.pointer(p), b.pointer(p)) {
-                (Some(x), Some(y)) => x == y,
-                (None, None) => true,
-                _ => false,
-            },
-        },
-        (None, None) if pointer.is_none() => primary == candidate,
-        _ => false,
-    }
-}
+pub use crate::json_pointer::agree_at as agrees;
 
 pin_project! {
     /// The client's body, copied (up to a limit) as it streams; the copy goes to the

@@ -202,9 +202,9 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 }
 
 pub(crate) fn model_version_from_json(body: &[u8], pointer: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    match value.pointer(pointer)? {
-        serde_json::Value::String(s) => Some(s.clone()),
+    let raw = crate::json_pointer::raw_at(body, pointer).ok()??;
+    match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
+        serde_json::Value::String(s) => Some(s),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
