@@ -159,6 +159,7 @@ pub async fn cleanup(ch: &Channel, route: &str) {
     for q in [
         format!("breakwater.dlq.{route}"),
         format!("breakwater.dlq.{route}.parked"),
+        format!("breakwater.results.{route}"),
         format!("test.results.{route}"),
     ] {
         let _ = ch
