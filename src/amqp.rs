@@ -64,10 +64,17 @@ pub async fn confirmed(
 ) -> Result<(), AmqpError> {
     match tokio::time::timeout(timeout, confirm).await {
         Err(_) => Err(AmqpError::ConfirmTimeout(timeout)),
-        Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable),
-        Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
+        Ok(r) => confirmation(r),
+    }
+}
+
+/// What a resolved publisher confirm means: an unroutable return or a nack is a failure.
+pub fn confirmation(r: Result<Confirmation, lapin::Error>) -> Result<(), AmqpError> {
+    match r {
+        Err(e) => Err(e.into()),
+        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(Some(_))) => Err(AmqpError::Unroutable),
+        Ok(Confirmation::Nack(_)) => Err(AmqpError::Nacked),
     }
 }
 

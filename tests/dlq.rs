@@ -1272,3 +1272,119 @@ async fn an_operator_replay_is_refused_under_the_kill_switch_or_a_forced_open_br
     proxy.stop().await;
     rabbit::cleanup(&ch, &route).await;
 }
+
+// ---- the drainer's sliding confirm window (issue 16) ----
+
+/// The request ids a spool has not handed on yet, in spool order (`None` when a segment went
+/// while it was being read: the drainer deletes them once handed on).
+fn spooled_request_ids(spool: &std::path::Path) -> Option<Vec<String>> {
+    let report = breakwater::cli::spool_inspect(spool).ok()?;
+    Some(
+        report
+            .segments
+            .iter()
+            .flat_map(|s| s.records.iter())
+            .filter(|r| !r.handed_on)
+            .map(|r| r.request_id.clone().unwrap())
+            .collect(),
+    )
+}
+
+/// A backlog spooled while the broker was away drains with many publishes in flight; the
+/// connection is cut in the middle of it. Every message arrives, in spool order (counting
+/// each message where it first arrives), and a message that arrives twice does so under its
+/// own message id.
+#[tokio::test]
+async fn a_spooled_backlog_drains_in_order_and_a_connection_cut_mid_drain_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    if !available().await {
+        return;
+    }
+    const N: usize = 3000;
+    let ai = MockAi::start().await;
+    ai.outage(true).await;
+    let link = rabbit::BrokerLink::start().await;
+    link.down();
+    let dir = tempfile::tempdir().unwrap();
+    let route = rabbit::unique_route("backlog");
+    let config = dlq_config(&ai, &route, dir.path(), true, "").replace(rabbit::URL, &link.url());
+    let proxy = std::sync::Arc::new(TestProxy::start(&config).await);
+    let mut senders = Vec::new();
+    for w in 0..16 {
+        let proxy = proxy.clone();
+        senders.push(tokio::spawn(async move {
+            for i in (w..N).step_by(16) {
+                let r = post(&proxy, &format!("{{\"answer\":{i}}}")).await;
+                assert_eq!(r.status, 202);
+                assert_eq!(r.header("x-breakwater-dlq"), Some("spooled"));
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let spool = dir.path().join("spool");
+    let order = spooled_request_ids(&spool).unwrap();
+    assert_eq!(
+        order.len(),
+        N,
+        "every request spooled while the broker was away"
+    );
+
+    link.up();
+    let (conn, ch) = rabbit::channel().await;
+    let queue = format!("breakwater.dlq.{route}");
+    let at_cut = rabbit::wait_depth(&conn, &queue, (N / 4) as u32, Duration::from_secs(60)).await;
+    link.cut();
+    assert!(
+        (N / 4..N).contains(&(at_cut as usize)),
+        "the cut came with {at_cut} of {N} messages in the queue: not mid-drain"
+    );
+
+    let mut arrived: Vec<(String, String)> = Vec::new();
+    let mut seen = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while seen.len() < N && std::time::Instant::now() < deadline {
+        if !rabbit::exists(&conn, &queue).await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        for m in rabbit::drain(&ch, &queue).await {
+            let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            let id = v["request_id"].as_str().unwrap().to_string();
+            seen.insert(id.clone());
+            arrived.push((id, v["msg_id"].as_str().unwrap().to_string()));
+        }
+    }
+    let missing: Vec<_> = order.iter().filter(|id| !seen.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} spooled message(s) lost, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    let mut firsts = Vec::new();
+    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
+    for (id, msg_id) in &arrived {
+        let msg_ids = ids.entry(id.clone()).or_default();
+        if msg_ids.is_empty() {
+            firsts.push(id.clone());
+        }
+        msg_ids.insert(msg_id.clone());
+    }
+    let out_of_order = firsts.iter().zip(&order).position(|(a, b)| a != b);
+    assert_eq!(out_of_order, None, "messages arrived out of spool order");
+    assert!(
+        ids.values().all(|m| m.len() == 1),
+        "a message arrived again under another message id"
+    );
+    // The cursor moved over all of it: nothing left to hand on.
+    assert!(
+        wait_until(Duration::from_secs(10), || spooled_request_ids(&spool)
+            .is_some_and(|ids| ids.is_empty()))
+        .await,
+        "the spool still holds messages after the drain"
+    );
+    std::sync::Arc::try_unwrap(proxy).ok().unwrap().stop().await;
+    rabbit::cleanup(&ch, &route).await;
+}

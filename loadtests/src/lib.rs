@@ -2,6 +2,7 @@
 //! integration tests), an open-loop load driver and the benchmark runner.
 
 pub mod bench;
+pub mod ceiling;
 pub mod chaos;
 pub mod cluster;
 pub mod driver;

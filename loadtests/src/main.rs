@@ -101,6 +101,25 @@ enum Cmd {
         #[arg(long, default_value = "loadtests/reports")]
         report_dir: PathBuf,
     },
+    /// RabbitMQ's own ceiling for breakwater's dead letters here: a minimal lapin publisher
+    /// (persistent, mandatory, confirms, a fresh quorum queue with the DLQ arguments, deleted
+    /// afterwards), one run per confirm window; the best is the drainer's yardstick.
+    RabbitCeiling {
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        /// Messages per window.
+        #[arg(long, default_value_t = 50_000)]
+        messages: u64,
+        #[arg(long, value_delimiter = ',', default_value = "1,64,256,1024")]
+        windows: Vec<usize>,
+        #[arg(long, default_value = "breakwater.dlq")]
+        exchange: String,
+        /// Request body size the dead letter carries (base64-encoded in it).
+        #[arg(long, default_value_t = 93)]
+        body_bytes: usize,
+        #[arg(long, default_value = "loadtests/reports")]
+        report_dir: PathBuf,
+    },
     /// Mock AI directly vs through breakwater, side by side in one run.
     Bench {
         #[arg(long, default_value = "target/release/breakwater")]
@@ -400,6 +419,33 @@ fn main() -> anyhow::Result<()> {
                 },
             ))?;
             save_report(&report_dir, "instructions", &report)?;
+        }
+        Cmd::RabbitCeiling {
+            amqp_url,
+            messages,
+            windows,
+            exchange,
+            body_bytes,
+            report_dir,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let args = loadtests::ceiling::CeilingArgs {
+                amqp_url,
+                messages,
+                windows,
+                exchange,
+                body_bytes,
+            };
+            let size =
+                loadtests::ceiling::representative_envelope("grading-0", body_bytes, 0).len();
+            let rows = rt.block_on(loadtests::ceiling::ceiling(&args))?;
+            save_report(
+                &report_dir,
+                "rabbit-ceiling",
+                &loadtests::ceiling::table(&rows, size),
+            )?;
         }
         Cmd::Bench {
             proxy_bin,

@@ -393,6 +393,55 @@ pub fn drain_check(samples: &[(f64, u64, u64)], load_s: f64) -> Option<Check> {
                 ),
                 None => format!("{published} published by the end"),
             }
+        ) + &backlog_figures(samples).unwrap_or_default(),
+    })
+}
+
+/// The backlog (accepted, not yet published) at its peak and how it went after: when it was
+/// back under 1% of the peak (the spool emptied, with the load still coming in or not) and
+/// the spool-to-broker rate from the peak to then. `None` without a backlog worth the name.
+pub fn backlog_figures(samples: &[(f64, u64, u64)]) -> Option<String> {
+    let backlog = |s: &(f64, u64, u64)| s.1.saturating_sub(s.2);
+    let peak_at = samples
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| backlog(s))
+        .map(|(i, _)| i)?;
+    let peak = &samples[peak_at];
+    if backlog(peak) < 1000 {
+        return None;
+    }
+    let limit = backlog(peak) / 100;
+    let after = &samples[peak_at..];
+    let emptied = after.iter().find(|s| backlog(s) <= limit);
+    // The steady rate, without the broker's start-up: from 10% to 90% of the way down.
+    let drained = |share: u64| {
+        after
+            .iter()
+            .find(|s| backlog(s) <= backlog(peak) - backlog(peak) * share / 100)
+    };
+    let steady = match (drained(10), drained(90)) {
+        (Some(a), Some(b)) if b.0 > a.0 => format!(
+            ", {:.0}/s from 10% to 90% of the way down",
+            (b.2 - a.2) as f64 / (b.0 - a.0)
+        ),
+        _ => String::new(),
+    };
+    Some(match emptied {
+        Some(e) => format!(
+            "; backlog peaked at {} at {:.1} s and was under {limit} {:.1} s later, at {:.1} s \
+             (spool to broker {:.0}/s from the peak{steady}; {:.0}/s net of new arrivals)",
+            backlog(peak),
+            peak.0,
+            e.0 - peak.0,
+            e.0,
+            (e.2 - peak.2) as f64 / (e.0 - peak.0).max(1e-9),
+            (backlog(peak) - backlog(e)) as f64 / (e.0 - peak.0).max(1e-9),
+        ),
+        None => format!(
+            "; backlog peaked at {} at {:.1} s and never got under {limit}",
+            backlog(peak),
+            peak.0
         ),
     })
 }
@@ -1018,6 +1067,15 @@ pub async fn run(path: &Path, args: &RunArgs) -> anyhow::Result<(bool, String)> 
         });
     }
     if let Some(drain) = drain {
+        // The spool may still be draining (a backlog after an outage): wait for it, within
+        // the settle time.
+        while tokio::time::Instant::now() < settle_deadline {
+            match fleet_dlq_counts(&admins).await {
+                Some((accepted, published)) if published < accepted => {}
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         // One more sample after the replay wait, then the figures.
         drain_stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut samples = drain.await.unwrap_or_default();
@@ -1254,6 +1312,22 @@ breakwater_request_duration_seconds_count{route="recommend",outcome="fallback"} 
                 .contains("all published 4.0 s after the start (average 50/s)"),
             "{}",
             c.detail
+        );
+        assert!(
+            backlog_figures(&samples).is_none(),
+            "a backlog of 50 is none"
+        );
+        let outage = [
+            (1.0, 3000, 2900),
+            (2.0, 6000, 2900),
+            (3.0, 9000, 2900),
+            (4.0, 12000, 8000),
+            (5.0, 15000, 14950),
+        ];
+        let b = backlog_figures(&outage).unwrap();
+        assert!(
+            b.contains("backlog peaked at 6100 at 3.0 s and was under 61 2.0 s later, at 5.0 s (spool to broker 6025/s from the peak, 6950/s from 10% to 90% of the way down; 3025/s net"),
+            "{b}"
         );
         let short = drain_check(&samples[..3], 2.0).unwrap();
         assert!(!short.ok);

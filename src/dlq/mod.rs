@@ -9,6 +9,7 @@
 pub mod envelope;
 mod lanes;
 pub mod parked;
+mod publisher;
 pub mod rabbit;
 mod results;
 pub mod spool;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use envelope::Envelope;
 use rabbit::{Link, RabbitError};
-use spool::{SpoolReader, SpoolSettings, SpoolWriter};
+use spool::{SpoolSettings, SpoolWriter};
 
 use crate::exchange::DlqOutcome;
 use crate::telemetry;
@@ -437,178 +438,14 @@ async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {
     }
 }
 
-/// Spool -> RabbitMQ, in order; the cursor moves only over confirmed records. With no
-/// broker configured, spool -> AI directly once the route is ready.
+/// Spool -> RabbitMQ, in order, with a sliding window of confirms (see [`publisher`]); the
+/// cursor moves only over confirmed records. With no broker configured, spool -> AI
+/// directly once the route is ready.
 async fn drain(handle: DlqHandle, target: Arc<dyn ReplayTarget>, shutdown: CancellationToken) {
-    if handle.inner.settings.amqp_url.is_none() {
-        return lanes::drain_locally(handle, target, shutdown).await;
+    match handle.inner.settings.amqp_url.clone() {
+        None => lanes::drain_locally(handle, target, shutdown).await,
+        Some(endpoints) => publisher::run(handle.inner.clone(), endpoints, shutdown).await,
     }
-    let inner = handle.inner.clone();
-    let mut reader = SpoolReader::new(inner.writer.state.clone());
-    let mut link: Option<Link> = None;
-    let Some(endpoints) = inner.settings.amqp_url.clone() else {
-        return;
-    };
-    let mut connector = crate::amqp::Connector::new(
-        endpoints,
-        "dlq_publisher",
-        PUBLISHER_CONNECTION,
-        inner.settings.connections.clone(),
-    );
-    let mut attempt = 0u32;
-    loop {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        let state = reader.state.clone();
-        // Small reads from the page cache, in a background task (never the request path).
-        let batch = match reader.next_batch(1 << 20) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the DLQ spool");
-                if sleep_or_stop(Duration::from_secs(1), &shutdown).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        if batch.is_empty() {
-            tokio::select! {
-                _ = state.appended.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            continue;
-        }
-        // Decode the batch; corrupt or unreadable records are skipped (and counted) but
-        // keep their place, so the cursor only ever moves forward in order.
-        let mut items: Vec<(spool::Position, Option<(Envelope, Bytes)>)> =
-            Vec::with_capacity(batch.len());
-        for record in batch {
-            let pos = (record.segment, record.end);
-            let Some(payload) = record.payload.clone() else {
-                record.report_skipped();
-                items.push((pos, None));
-                continue;
-            };
-            match serde_json::from_slice::<Envelope>(&payload) {
-                Ok(env) => items.push((pos, Some((env, payload)))),
-                Err(e) => {
-                    tracing::error!(error = %e, "unreadable DLQ message skipped");
-                    items.push((pos, None));
-                }
-            }
-        }
-        let mut next = 0;
-        while next < items.len() {
-            let done = publish_batch(
-                &inner,
-                &mut connector,
-                &mut link,
-                &mut attempt,
-                &items[next..],
-                &mut reader,
-            )
-            .await;
-            next += done;
-            if next < items.len()
-                && sleep_or_stop(rabbit::reconnect_delay(attempt), &shutdown).await
-            {
-                return;
-            }
-        }
-    }
-}
-
-/// Publishes a run of records pipelined (all sent, then the confirms awaited in order) and
-/// advances the cursor over the confirmed prefix. Returns how many records are done.
-async fn publish_batch(
-    inner: &Inner,
-    connector: &mut crate::amqp::Connector,
-    link: &mut Option<Link>,
-    attempt: &mut u32,
-    items: &[(spool::Position, Option<(Envelope, Bytes)>)],
-    reader: &mut SpoolReader,
-) -> usize {
-    if link.as_ref().is_none_or(|l| !l.healthy()) {
-        inner.publisher_connected.store(false, Ordering::Relaxed);
-        connector.lost();
-        match Link::connect(connector, &inner.settings.topology()).await {
-            Ok(l) => {
-                inner.broker_unreachable.store(false, Ordering::Relaxed);
-                let node = connector.current().unwrap_or(0);
-                tracing::info!(node, url = %connector.endpoints().masked(node), "DLQ publisher connected to RabbitMQ");
-                *link = Some(l);
-                *attempt = 0;
-            }
-            Err(e) => {
-                inner.broker_unreachable.store(true, Ordering::Relaxed);
-                *attempt += 1;
-                tracing::warn!(error = %e, attempt = *attempt, "RabbitMQ unreachable; DLQ messages stay in the spool");
-                return 0;
-            }
-        }
-    }
-    let Some(l) = link.as_mut() else { return 0 };
-    inner.publisher_connected.store(true, Ordering::Relaxed);
-    let blocked = l.blocked();
-    inner.publisher_blocked.store(blocked, Ordering::Relaxed);
-    if blocked {
-        *attempt = (*attempt + 1).min(5);
-        return 0;
-    }
-    // Send up to 512 without waiting, then collect the confirms in order.
-    let mut sent = Vec::new();
-    let mut failure = None;
-    for (pos, item) in items.iter().take(512) {
-        let Some((env, payload)) = item else {
-            sent.push((*pos, None, None));
-            continue;
-        };
-        if let Err(e) = l.declare_route(&env.route).await {
-            failure = Some(e);
-            break;
-        }
-        let ex = l.dlq_exchange().to_string();
-        match l
-            .start_publish(
-                &ex,
-                &rabbit::replay_key(&env.route),
-                payload,
-                &env.msg_id,
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(c) => sent.push((*pos, Some(c), Some(env.route.clone()))),
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-    }
-    let mut done = 0;
-    for (pos, confirm, route) in sent {
-        if let Some(c) = confirm {
-            if let Err(e) = Link::confirmed(c, inner.settings.confirm_timeout).await {
-                failure.get_or_insert(e);
-                break;
-            }
-            if let Some(route) = route {
-                metrics::counter!(telemetry::DLQ_MESSAGES, "route" => route, "result" => "published").increment(1);
-            }
-        }
-        reader.advance(pos);
-        done += 1;
-    }
-    if let Some(e) = failure {
-        tracing::warn!(error = %e, "DLQ publish failed; will retry from the first unconfirmed message");
-        *attempt += 1;
-        if !matches!(e, RabbitError::Blocked) {
-            *link = None;
-        }
-    }
-    done
 }
 
 /// The most a pacer catches up after a late wake-up or an idle spell.

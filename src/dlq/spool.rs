@@ -787,44 +787,22 @@ impl SpoolReader {
     }
 
     /// Up to `max` records after the cursor (corrupt ones included, flagged), reading from
-    /// the oldest segment. Deletes segments that are sealed and fully handed on.
+    /// the oldest segment. Deletes segments that are sealed and fully handed on. (The
+    /// drainer reads ahead with `read_from`; the spool's tests read in order with this.)
+    #[cfg(test)]
     pub fn next_batch(&mut self, max_bytes: u64) -> std::io::Result<Vec<StoredRecord>> {
-        loop {
-            let front = match self.state.segments.lock() {
-                Ok(s) => s.front().cloned(),
-                Err(_) => None,
-            };
-            let Some(seg) = front else {
-                return Ok(Vec::new());
-            };
-            let start = if self.cursor.0 == seg.id {
-                self.cursor.1
-            } else if self.cursor.0 > seg.id {
-                seg.durable_len
-            } else {
-                0
-            };
-            if start >= seg.durable_len {
-                if seg.sealed {
-                    self.remove_front(seg.id)?;
-                    continue;
-                }
-                if seg.durable_len > 0 {
-                    // All handed on: let the writer start a new segment so this one can go.
-                    self.state.roll_requested.store(true, Ordering::Relaxed);
-                }
-                self.state.oldest_ms.store(0, Ordering::Relaxed);
-                return Ok(Vec::new());
-            }
-            let to = seg.durable_len.min(start + max_bytes.max(1 << 16));
-            let complete = to == seg.durable_len;
-            let mut records = read_range(&self.state.dir, seg.id, start, to, complete)?;
-            if records.is_empty() {
-                // A record larger than the read window: read up to the durable end.
-                records = read_range(&self.state.dir, seg.id, start, seg.durable_len, true)?;
-            }
-            return Ok(records);
-        }
+        self.read_from(self.cursor, max_bytes)
+    }
+
+    /// Like `next_batch`, but after `from`, which may be past the cursor: the drainer reads
+    /// ahead of what is handed on while earlier records await their confirms.
+    pub fn read_from(
+        &mut self,
+        from: Position,
+        max_bytes: u64,
+    ) -> std::io::Result<Vec<StoredRecord>> {
+        self.release(self.cursor)?;
+        self.state.read_after(from.max(self.cursor), max_bytes)
     }
 
     fn remove_front(&mut self, id: u64) -> std::io::Result<()> {

@@ -159,6 +159,7 @@ pub async fn cleanup(ch: &Channel, route: &str) {
     for q in [
         format!("breakwater.dlq.{route}"),
         format!("breakwater.dlq.{route}.parked"),
+        format!("breakwater.results.{route}"),
         format!("test.results.{route}"),
     ] {
         let _ = ch
@@ -212,4 +213,75 @@ async fn consume_all(ch: &Channel, queue: &str) -> Vec<lapin::message::BasicGetM
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
         .await;
     out
+}
+
+/// A TCP relay in front of the broker that a test switches off and cuts: while down it
+/// refuses every connection (a broker that went away, without stopping the shared one);
+/// `cut` drops every relayed connection at once, mid-stream.
+pub struct BrokerLink {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl BrokerLink {
+    pub async fn start() -> BrokerLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (up2, cuts2) = (up.clone(), cuts.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let mut cut = cuts2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        BrokerLink {
+            port,
+            up,
+            cuts,
+            accept,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Refuses new connections and drops the relayed ones.
+    pub fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Drops every relayed connection now; new ones are relayed again if up.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for BrokerLink {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
 }
