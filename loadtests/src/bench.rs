@@ -480,6 +480,26 @@ fn humantime_now() -> String {
 }
 
 pub(crate) fn nginx_config(dir: &Path, listen: u16, mock: SocketAddr) -> String {
+    nginx_config_logged(dir, listen, mock, false)
+}
+
+/// nginx as the peer benchmark runs it; with `access_log`, a buffered access log in the
+/// default `combined` format (64 KiB buffer, flushed every second), the fair peer of
+/// breakwater with its decision log on.
+pub(crate) fn nginx_config_logged(
+    dir: &Path,
+    listen: u16,
+    mock: SocketAddr,
+    access_log: bool,
+) -> String {
+    let log = if access_log {
+        format!(
+            "access_log {}/nginx-access.log combined buffer=64k flush=1s;",
+            dir.display()
+        )
+    } else {
+        "access_log off;".to_string()
+    };
     format!(
         r#"worker_processes 1;
 daemon off;
@@ -488,7 +508,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    {log}
     client_body_temp_path {dir}/nginx-body;
     proxy_temp_path {dir}/nginx-proxy;
     upstream ai {{ server {mock}; keepalive 512; }}
@@ -583,23 +603,25 @@ pub async fn peer(args: BenchArgs, rates: &[f64]) -> anyhow::Result<String> {
     // breakwater, decision log on.
     let (bw, bw_addr) = start_breakwater(&args, mock_addr, &dir, true).await?;
     rows.extend(run_proxy("breakwater (decision log on)", bw, bw_addr).await?);
-    // nginx
-    let port = free_port()?;
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_config(&dir, port, mock_addr))?;
-    let nginx = Proc::spawn(
-        "nginx",
-        Path::new("nginx"),
-        &[
-            "-c".into(),
-            conf.display().to_string(),
-            "-e".into(),
-            dir.join("nginx-error.log").display().to_string(),
-        ],
-        core,
-        &[],
-    )?;
-    rows.extend(run_proxy("nginx", nginx, ([127, 0, 0, 1], port).into()).await?);
+    // nginx, without and with its access log.
+    for (name, logged) in [("nginx", false), ("nginx (access log, buffered)", true)] {
+        let port = free_port()?;
+        let conf = dir.join(format!("nginx-{logged}.conf"));
+        std::fs::write(&conf, nginx_config_logged(&dir, port, mock_addr, logged))?;
+        let nginx = Proc::spawn(
+            "nginx",
+            Path::new("nginx"),
+            &[
+                "-c".into(),
+                conf.display().to_string(),
+                "-e".into(),
+                dir.join("nginx-error.log").display().to_string(),
+            ],
+            core,
+            &[],
+        )?;
+        rows.extend(run_proxy(name, nginx, ([127, 0, 0, 1], port).into()).await?);
+    }
     // HAProxy
     let port = free_port()?;
     let conf = dir.join("haproxy.cfg");
@@ -615,7 +637,7 @@ pub async fn peer(args: BenchArgs, rates: &[f64]) -> anyhow::Result<String> {
 
     let direct_max = rows[0].result.throughput();
     let mut report = format!(
-        "# peer benchmark: breakwater vs nginx vs HAProxy\n\n{} on {cores} cores; {:?} per run, {} connections{}.\n\n",
+        "# peer benchmark: breakwater vs nginx (access log off and on) vs HAProxy\n\n{} on {cores} cores; {:?} per run, {} connections{}.\n\n",
         humantime_now(),
         args.duration,
         args.connections,
@@ -632,9 +654,14 @@ pub async fn peer(args: BenchArgs, rates: &[f64]) -> anyhow::Result<String> {
     }
     report.push('\n');
     let per = 1 + rates.len();
-    for (i, name) in ["breakwater (decision log on)", "nginx", "haproxy"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "breakwater (decision log on)",
+        "nginx",
+        "nginx (access log, buffered)",
+        "haproxy",
+    ]
+    .iter()
+    .enumerate()
     {
         let base = per + i * per;
         let Some(max_row) = rows.get(base) else {
